@@ -1,0 +1,1 @@
+"""Compressed sequential recommenders (CpRec, CANet) in JAX/Flax."""
