@@ -18,6 +18,7 @@ import numpy as np
 
 from seqcompress_jax.data import formats, synthetic
 from seqcompress_jax.data.interactions import DataError, Interactions
+from seqcompress_jax.files import atomic_write
 
 RECBOLE_WHEEL = 'recbole==1.2.1'
 RECBOLE_MEMBER = 'recbole/dataset_example/ml-100k/ml-100k.inter'
@@ -160,12 +161,4 @@ def _write_verified(data: bytes, target: str, digest: str, expected: str,
                     what: str) -> None:
   if digest != expected:
     raise DataError(f'checksum mismatch for {what}: got {digest}, expected {expected}')
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write(target, data)

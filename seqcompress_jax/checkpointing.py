@@ -1,0 +1,43 @@
+"""Orbax checkpoints of a pytree plus a JSON side-car (iterator state, early
+stopping, anything else the loop must resume exactly)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class Checkpoints:
+  """A folder of step-numbered checkpoints, each a pytree and a JSON dict."""
+
+  def __init__(self, directory: str, max_to_keep: int):
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree: PyTree, meta: dict[str, Any]) -> None:
+    """Saves asynchronously; `close` (or the next save) waits for it."""
+    self._manager.save(step, args=ocp.args.Composite(
+        tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+    """The checkpoint at `step` (default: latest), shaped and typed like `like`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self._manager.directory}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored['tree'], restored['meta']
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

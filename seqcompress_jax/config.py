@@ -1,0 +1,143 @@
+"""The base config every `configs/*.py` starts from, and its validation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from seqcompress_jax.data.config import data_config
+
+OPTIMIZERS = ('adam', 'adamw')
+SCHEDULES = ('constant', 'cosine', 'exponential')
+PROTOCOLS = ('full', 'sampled')
+NEGATIVE_SAMPLERS = ('uniform', 'popularity')
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every method: data, model, optimiser, loop, evaluation."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = data_config()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'nextitnet'  # 'nextitnet' | 'sasrec'
+  c.model.embed_dim = 64
+  c.model.hidden_dim = 64
+  c.model.max_len = c.data.get_ref('max_len')  # Positions follow the data windows.
+  c.model.dilations = (1, 4, 1, 4)  # NextItNet: one residual block per entry r.
+  c.model.kernel_size = 3
+  c.model.num_layers = 2  # SASRec.
+  c.model.num_heads = 2
+  c.model.ffn_dim = 256
+  c.model.dropout = 0.0
+  c.model.head = 'full'  # 'full' | 'sampled'
+  c.model.tied = False
+  c.model.num_samples = 1024  # Sampled softmax: negatives per batch.
+  c.model.sampler = 'log_uniform'  # 'log_uniform' | 'uniform' | 'popularity'
+  c.model.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16'.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'adam'
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule = 'constant'
+  c.optim.warmup_steps = 0
+  c.optim.decay_rate = 0.1  # exponential: factor reached at the last step.
+  c.optim.weight_decay = 0.0  # adamw: decoupled; adam: L2 added to the loss.
+  c.optim.grad_clip = 5.0  # Global norm; 0 = off.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 20
+  c.train.max_steps = 0  # > 0 overrides num_epochs.
+  c.train.log_every_steps = 50
+  c.train.eval_every_steps = 0  # 0 = once per epoch.
+  c.train.patience = 5  # Stop after this many evaluations without improvement.
+  c.train.metric = 'NDCG@10'  # Validation metric for early stopping / best model.
+  c.train.max_bad_steps = 10  # Consecutive non-finite steps before giving up.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.ks = (5, 10, 20)
+  c.eval.protocol = 'full'  # 'full' ranking | 'sampled' (100 negatives)
+  c.eval.num_negatives = 100
+  c.eval.negative_sampler = 'uniform'  # 'uniform' | 'popularity'
+  c.eval.exclude_history = False  # Do not rank items of the user's history.
+  c.eval.history_len = 0  # Items of history to exclude; 0 = max_len.
+  c.eval.chunk_size = 4096  # Items scored at once in full ranking.
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_items: int | None = None) -> None:
+  """Raises ConfigError naming the first invalid field (data.* are checked by
+  the data package, model.* by ModelSpec)."""
+  o, t, e = config.optim, config.train, config.eval
+  checks = [
+      ('optim.optimizer', o.optimizer in OPTIMIZERS, f'one of {OPTIMIZERS}'),
+      ('optim.schedule', o.schedule in SCHEDULES, f'one of {SCHEDULES}'),
+      ('optim.learning_rate', o.learning_rate > 0, 'a number > 0'),
+      ('optim.warmup_steps', o.warmup_steps >= 0, 'an integer >= 0'),
+      ('optim.decay_rate', 0 < o.decay_rate <= 1, 'a factor in (0, 1]'),
+      ('optim.weight_decay', o.weight_decay >= 0, 'a number >= 0'),
+      ('optim.grad_clip', o.grad_clip >= 0, 'a number >= 0 (0 = off)'),
+      ('train.num_epochs', t.num_epochs >= 1 or t.max_steps > 0, 'an integer >= 1'),
+      ('train.max_steps', t.max_steps >= 0, 'an integer >= 0'),
+      ('train.log_every_steps', t.log_every_steps >= 1, 'an integer >= 1'),
+      ('train.eval_every_steps', t.eval_every_steps >= 0, 'an integer >= 0'),
+      ('train.patience', t.patience >= 1, 'an integer >= 1'),
+      ('eval.protocol', e.protocol in PROTOCOLS, f'one of {PROTOCOLS}'),
+      ('eval.negative_sampler', e.negative_sampler in NEGATIVE_SAMPLERS,
+       f'one of {NEGATIVE_SAMPLERS}'),
+      ('eval.chunk_size', e.chunk_size >= 1, 'an integer >= 1'),
+      ('eval.history_len', e.history_len >= 0, 'an integer >= 0'),
+      ('eval.ks', isinstance(e.ks, (tuple, list)) and len(e.ks) > 0
+       and all(isinstance(k, int) and k >= 1 for k in e.ks),
+       'a non-empty list of integers >= 1'),
+  ]
+  metric_names = {f'{m}@{k}' for m in ('HR', 'NDCG', 'MRR') for k in e.ks} | {'MRR'}
+  checks.append(('train.metric', t.metric in metric_names,
+                 f'one of {sorted(metric_names)} (from eval.ks)'))
+  if num_items is not None:
+    competitors = num_items - 1 if e.protocol == 'full' else e.num_negatives + 1
+    checks.append(('eval.ks', max(e.ks) <= competitors,
+                   f'cut-offs <= the {competitors} ranked candidates'))
+    if e.protocol == 'sampled':
+      checks.append(('eval.num_negatives', 1 <= e.num_negatives <= num_items - 2,
+                     f'between 1 and {num_items - 2} (the items other than the target)'))
+  for field, ok, expected in checks:
+    if not ok:
+      section, name = field.split('.')
+      raise ConfigError(f'{field}: expected {expected}, got {config[section][name]!r}')
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  c.data.name = 'synthetic'
+  c.data.synthetic.update(num_users=400, num_items=300, mean_len=20.0, max_len=60)
+  c.data.max_len = 20
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 128
+  c.model.update(embed_dim=32, hidden_dim=32, ffn_dim=64)
+  c.train.update(num_epochs=2, log_every_steps=5)
+
+
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+  c.data.name = 'synthetic'
+  c.data.synthetic.update(num_users=20000, num_items=10000, mean_len=30.0)
+
+
+PRESETS = {
+    'smoke': _smoke,
+    'synthetic': _synthetic,
+    'bf16': lambda c: c.model.update(dtype='bfloat16'),
+    'sampled': lambda c: c.model.update(head='sampled'),
+}
+
+
+def apply_presets(config: ml_collections.ConfigDict, arg: str | None
+                  ) -> ml_collections.ConfigDict:
+  """Applies comma-separated preset names (`--config=FILE:smoke,bf16`)."""
+  for name in filter(None, (arg or '').split(',')):
+    if name not in PRESETS:
+      raise ConfigError(f'unknown preset {name!r}; expected some of {sorted(PRESETS)}')
+    PRESETS[name](config)
+  return config

@@ -1,0 +1,76 @@
+"""Recommender: item embedding -> backbone -> output head, chosen by a ModelSpec.
+
+  params = init(spec, jax.random.key(0))
+  hidden = model.apply({'params': params}, inputs, train=True,
+                       rngs={'dropout': k1})
+  nll = model.apply({'params': params}, hidden, targets, method='loss',
+                    rngs={'sample': k2})  # 'sample' only for the sampled head.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqcompress_jax.models.heads import FullSoftmax, SampledSoftmax
+from seqcompress_jax.models.nextitnet import NextItNet
+from seqcompress_jax.models.sasrec import SASRec
+from seqcompress_jax.models.spec import ModelSpec
+
+EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class Recommender(nn.Module):
+  """Submodules `embed`, `backbone` and `head`; ids in [0, V), 0 = PAD."""
+  spec: ModelSpec
+
+  def setup(self):
+    s = self.spec
+    self.embed = nn.Embed(s.num_items, s.embed_dim, dtype=s.compute_dtype,
+                          embedding_init=EMBED_INIT)
+    self.backbone = {'nextitnet': NextItNet, 'sasrec': SASRec}[s.backbone](s)
+    head_args = dict(num_items=s.num_items, features=s.hidden_dim, tied=s.tied,
+                     dtype=s.compute_dtype)
+    if s.head == 'sampled':
+      self.head = SampledSoftmax(num_samples=s.num_samples, sampler=s.sampler,
+                                 **head_args)
+    else:
+      self.head = FullSoftmax(**head_args)
+
+  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    """inputs [B, L] int32, left-padded -> hidden [B, L, hidden_dim].
+
+    Needs the 'dropout' rng stream when train and model.dropout > 0.
+    """
+    return self.backbone(self.embed(inputs), inputs != 0, train=train)
+
+  def loss(self, hidden: jax.Array, targets: jax.Array, *,
+           log_q: jax.Array | None = None) -> jax.Array:
+    """float32 NLL [B, L] of targets [B, L] (0 where targets == 0).
+
+    Exact for the full head; the sampled head needs the 'sample' rng stream,
+    and `log_q` [V] (unnormalised log popularity, finite for every item) for
+    the 'popularity' sampler.
+    """
+    return self.head.nll(hidden, targets, self._table(), log_q)
+
+  def score(self, hidden: jax.Array, items: jax.Array) -> jax.Array:
+    """hidden [B, H], items [B, C] or [C] -> float32 [B, C], monotone in log p(item)."""
+    return self.head.score(hidden, items, self._table())
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., H] -> float32 logits [..., V]; PAD gets heads.PAD_LOGIT."""
+    return self.head(hidden, self._table())
+
+  def _table(self) -> jax.Array | None:
+    """The output weight [V, H] when tied, else None."""
+    return self.embed.embedding if self.spec.tied else None
+
+
+def init(spec: ModelSpec, rng: jax.Array) -> dict:
+  """The 'params' collection (plain nested dicts, float32) of a new model."""
+  inputs = jnp.zeros((1, 1), jnp.int32)  # No parameter depends on the length.
+  variables = Recommender(spec).init(
+      rng, inputs, method=lambda m, x: m.logits(m(x, train=False)))
+  return variables['params']

@@ -1,0 +1,94 @@
+"""ModelSpec: the static, hashable description of an uncompressed model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+BACKBONES = ('nextitnet', 'sasrec')
+HEADS = ('full', 'sampled')
+SAMPLERS = ('log_uniform', 'uniform', 'popularity')
+DTYPES = ('float32', 'bfloat16')
+
+
+def _is_positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Sizes and choices of a model; items are ids in [0, num_items), 0 = PAD.
+
+  Validated on construction: a bad value raises ValueError naming its
+  `model.*` config field and the value expected.
+  """
+  num_items: int  # V, PAD included.
+  backbone: str  # One of BACKBONES.
+  embed_dim: int = 64
+  hidden_dim: int = 64  # A bias-free projection follows the embedding if != embed_dim.
+  max_len: int = 50
+  # NextItNet: one residual block per entry r (convs with dilations r and 2r).
+  dilations: tuple[int, ...] = (1, 4, 1, 4)
+  kernel_size: int = 3
+  # SASRec.
+  num_layers: int = 2
+  num_heads: int = 2
+  ffn_dim: int = 256
+  # Embedding dropout (both backbones); attention and residual dropout (SASRec).
+  dropout: float = 0.2
+  # Output.
+  head: str = 'full'  # One of HEADS.
+  tied: bool = False  # Output weight = the input embedding table.
+  num_samples: int = 1024  # Sampled head: negatives per step.
+  sampler: str = 'log_uniform'  # One of SAMPLERS.
+  dtype: str = 'float32'  # Compute dtype, one of DTYPES; parameters are float32.
+
+  def __post_init__(self):
+    if isinstance(self.dilations, (tuple, list)):
+      object.__setattr__(self, 'dilations', tuple(self.dilations))
+    if not _is_positive_int(self.num_items) or self.num_items < 2:
+      raise ValueError(f'num_items: expected an integer >= 2 (items + PAD), '
+                       f'got {self.num_items!r}')
+    sizes = ['embed_dim', 'hidden_dim', 'max_len', 'kernel_size', 'num_layers',
+             'num_heads', 'ffn_dim', 'num_samples']
+    checks = [(name, _is_positive_int(getattr(self, name)), 'a positive integer')
+              for name in sizes]
+    checks += [
+        ('backbone', self.backbone in BACKBONES, f'one of {BACKBONES}'),
+        ('head', self.head in HEADS, f'one of {HEADS}'),
+        ('sampler', self.sampler in SAMPLERS, f'one of {SAMPLERS}'),
+        ('dtype', self.dtype in DTYPES, f'one of {DTYPES}'),
+        ('dilations', isinstance(self.dilations, tuple) and bool(self.dilations)
+         and all(map(_is_positive_int, self.dilations)),
+         'a non-empty tuple or list of positive integers'),
+        ('dropout', isinstance(self.dropout, (int, float))
+         and 0 <= self.dropout < 1, 'a number in [0, 1)'),
+        ('tied', isinstance(self.tied, bool), 'True or False'),
+    ]
+    for field, ok, expected in checks:
+      if not ok:
+        raise ValueError(f'model.{field}: expected {expected}, '
+                         f'got {getattr(self, field)!r}')
+    if self.tied and self.hidden_dim != self.embed_dim:
+      raise ValueError(f'model.tied: expected False when hidden_dim '
+                       f'({self.hidden_dim}) != embed_dim ({self.embed_dim})')
+    if self.backbone == 'sasrec' and self.hidden_dim % self.num_heads:
+      raise ValueError(f'model.num_heads: expected a divisor of hidden_dim '
+                       f'({self.hidden_dim}), got {self.num_heads!r}')
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict,
+                  num_items: int) -> ModelSpec:
+    """Reads the `model` config section; absent fields take the defaults above."""
+    if 'backbone' not in cfg:
+      raise ValueError(f'model.backbone: expected one of {BACKBONES}, got nothing')
+    values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)
+              if f.name != 'num_items' and f.name in cfg}
+    return cls(num_items=num_items, **values)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)

@@ -1,0 +1,373 @@
+"""train_and_evaluate(config, workdir): the training program, top to bottom.
+
+Train state is a plain dict {params, opt_state, step, rng}; the rng is folded
+with the step and the batch iterator's position is checkpointed, so a resumed
+run continues bit-for-bit. Model selection is on validation; the best
+parameters are evaluated once on test at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from seqcompress_jax import config as config_lib
+from seqcompress_jax import evaluate, profiling, writers
+from seqcompress_jax.checkpointing import Checkpoints
+from seqcompress_jax.data import Dataset, load_dataset, pipeline
+from seqcompress_jax.models import model as model_lib
+from seqcompress_jax.models.model import Recommender
+from seqcompress_jax.models.spec import ModelSpec
+
+State = dict[str, Any]
+# Fields that may change when a run in a workdir is resumed or re-evaluated.
+_RESUMABLE_CHANGES = ('train.num_epochs', 'train.max_steps', 'train.log_every_steps',
+                      'train.patience', 'data.cache_dir', 'eval.chunk_size')
+
+
+# ---------------------------------------------------------------- set-up ----
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Constant, cosine (to 0) or exponential (to decay_rate * lr) over the steps
+  after a linear warm-up from 0."""
+  lr, warmup = optim.learning_rate, optim.warmup_steps
+  decay_steps = max(1, total_steps - warmup)
+  if optim.schedule == 'constant':
+    schedule = optax.constant_schedule(lr)
+  elif optim.schedule == 'cosine':
+    schedule = optax.cosine_decay_schedule(lr, decay_steps)
+  else:
+    schedule = optax.exponential_decay(lr, decay_steps, optim.decay_rate)
+  if not warmup:
+    return schedule
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """Adam/AdamW on `make_schedule`, global-norm clipping, and weight decay
+  (decoupled for AdamW; for Adam an L2 term, i.e. added to the gradient)."""
+  schedule = make_schedule(optim, total_steps)
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
+  if optim.optimizer == 'adamw':
+    parts.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
+  else:
+    if optim.weight_decay:
+      parts.append(optax.add_decayed_weights(optim.weight_decay))
+    parts.append(optax.adam(schedule))
+  return optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything derived from (config, workdir) before the first step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  dataset: Dataset
+  spec: ModelSpec
+  model: Recommender
+  valid: pipeline.EvalSet
+  test: pipeline.EvalSet
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Loads data, builds the model spec, validates, checks the workdir."""
+  ds = load_dataset(config.data)
+  config_lib.validate(config, ds.num_items)
+  spec = ModelSpec.from_config(config.model, ds.num_items)
+  check_workdir(config, workdir)
+  history_len = (config.eval.history_len or config.data.max_len
+                 if config.eval.exclude_history else 0)
+  return Run(config=config, workdir=workdir, dataset=ds, spec=spec,
+             model=Recommender(spec),
+             valid=pipeline.eval_set(ds, 'valid', config.data.max_len, history_len),
+             test=pipeline.eval_set(ds, 'test', config.data.max_len, history_len))
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json, or checks that it describes this run."""
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    differ = [k for k in sorted(set(_flatten(saved)) | set(_flatten(current)))
+              if _flatten(saved).get(k) != _flatten(current).get(k)
+              and k not in _RESUMABLE_CHANGES]
+    if differ:
+      raise config_lib.ConfigError(
+          f'{workdir} holds a run of another config (differs in {", ".join(differ)}); '
+          'use a new --workdir')
+  if jax.process_index() == 0:
+    writers.write_json(path, current)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int) -> State:
+  """A new train state: parameters from `seed`, the step's rng from it too."""
+  rng = jax.random.key(seed)
+  params = model_lib.init(spec, rng)
+  return {'params': params, 'opt_state': tx.init(params),
+          'step': jnp.zeros((), jnp.int32),
+          'rng': jax.random.key_data(jax.random.fold_in(rng, 1))}
+
+
+def sampler_log_q(run: Run) -> jax.Array | None:
+  """log Q(item) of the popularity proposal (sampled softmax), else None."""
+  if run.spec.head != 'sampled' or run.spec.sampler != 'popularity':
+    return None
+  count = run.dataset.item_count.astype(np.float64) + 1.0  # +1: never zero
+  count[0] = 0.0
+  return jnp.asarray(np.log(count / count.sum()), jnp.float32)
+
+
+# ---------------------------------------------------------------- steps -----
+def train_step(model: Recommender, tx: optax.GradientTransformation,
+               log_q: jax.Array | None, state: State,
+               batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+  """One update on the mean NLL over the batch's non-PAD targets. A step with a
+  non-finite loss or gradient leaves params and optimizer state unchanged."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+  dropout_rng, sample_rng = jax.random.split(rng)
+  targets = batch['targets']
+  count = jnp.maximum((targets != 0).sum(), 1)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    hidden = model.apply(variables, batch['inputs'], train=True,
+                         rngs={'dropout': dropout_rng})
+    nll = model.apply(variables, hidden, targets, log_q=log_q, method='loss',
+                      rngs={'sample': sample_rng})
+    return nll.sum() / count
+
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = {'params': keep(params, state['params']),
+               'opt_state': keep(opt_state, state['opt_state']),
+               'step': state['step'] + 1, 'rng': state['rng']}
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+                     'targets': count}
+
+
+def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
+  """(params, 'valid' | 'test') -> metrics, under the configured protocol."""
+  model, e = run.model, run.config.eval
+
+  def encode(params, inputs):
+    return model.apply({'params': params}, inputs, train=False)[:, -1, :]
+
+  def score(params, hidden, items):
+    return model.apply({'params': params}, hidden, items, method='score')
+
+  if e.protocol == 'full':
+    rank_fn = evaluate.make_rank_fn(encode, score, run.dataset.num_items, e.chunk_size,
+                                    e.exclude_history)
+  else:
+    rank_fn = evaluate.make_sampled_rank_fn(encode, score)
+
+  def batches(split: str) -> Iterator[dict[str, np.ndarray]]:
+    examples = getattr(run, split)
+    stream = pipeline.eval_batches(examples, run.config.data.eval_batch_size,
+                                   jax.process_index(), jax.process_count())
+    if e.protocol == 'full':
+      return stream
+    return evaluate.with_negatives(stream, evaluate.sample_negatives(
+        examples.targets, run.dataset.num_items, e.num_negatives, e.negative_sampler,
+        run.dataset.item_count, seed=run.config.seed))
+
+  return lambda params, split: evaluate.evaluate(rank_fn, params, batches(split), e.ks)
+
+
+# ---------------------------------------------------------------- loop ------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains with early stopping on validation, then tests the best parameters.
+
+  Resumes from workdir/checkpoints when there is one. `stop_at_step` ends the
+  run early as if pre-empted (used to test resumption). Returns results.json.
+  """
+  wall_start = time.time()
+  run = setup(config, workdir)
+  c = config.train
+  windows = pipeline.train_windows(run.dataset, config.data.max_len, config.data.train_stride)
+  batches = pipeline.TrainBatches(windows, config.data.batch_size, config.data.shuffle_seed,
+                                  jax.process_index(), jax.process_count())
+  total_steps = c.max_steps or c.num_epochs * batches.steps_per_epoch
+  eval_every = c.eval_every_steps or batches.steps_per_epoch
+  tx = make_optimizer(config.optim, total_steps)
+  state = init_state(run.spec, tx, config.seed)
+  latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
+  best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
+  meta = {'iterator': batches.state(), 'best_metric': -math.inf, 'best_step': 0,
+          'bad_evals': 0, 'train_s': 0.0, 'eval_s': 0.0, 'done': False}
+  if latest.latest_step() is not None:
+    state, meta = latest.restore(state)
+    batches.restore(meta['iterator'])
+    logging.info('Resumed from step %d of %s', int(state['step']), workdir)
+  writer = writers.MetricWriter(workdir)
+  evaluator = make_evaluator(run)
+  log_q = sampler_log_q(run)
+  step = int(state['step'])
+  logging.info('%s: %d training windows, %d steps/epoch, %d steps; params %s',
+               run.spec.backbone, len(windows), batches.steps_per_epoch, total_steps,
+               profiling.count_params(state['params']))
+
+  compile_start = time.perf_counter()
+  step_fn = jax.jit(functools.partial(train_step, run.model, tx, log_q),
+                    donate_argnums=0).lower(state, _example_batch(batches)).compile()
+  compile_s = time.perf_counter() - compile_start
+  flops_per_step = profiling.compiled_flops(step_fn)
+  logging.info('Compiled the train step in %.1f s (%.3g GFLOP/step)',
+               compile_s, flops_per_step / 1e9)
+
+  pending, interval_start, throughput = [], time.perf_counter(), []
+  while step < total_steps and not meta['done'] and step != stop_at_step:
+    state, metrics = step_fn(state, next(batches))
+    step += 1
+    pending.append(metrics)
+    if step % c.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
+      pending = jax.device_get(pending)
+      seconds = time.perf_counter() - interval_start
+      meta['train_s'] += seconds
+      _check_finite(pending, c.max_bad_steps, step)
+      rates = {'loss': float(np.mean([m['loss'] for m in pending])),
+               'step_ms': 1e3 * seconds / len(pending),
+               'positions_per_s': sum(int(m['targets']) for m in pending) / seconds,
+               'sequences_per_s': len(pending) * config.data.batch_size / seconds,
+               'gflops_per_s': flops_per_step * len(pending) / seconds / 1e9}
+      writer.write(step, 'train', rates)
+      throughput.append(rates)
+      logging.info('step %d/%d epoch %.2f loss %.4f | %.0f positions/s %.0f seq/s '
+                   '%.1f ms/step %.1f GFLOP/s | ETA %s', step, total_steps,
+                   step / batches.steps_per_epoch, rates['loss'], rates['positions_per_s'],
+                   rates['sequences_per_s'], rates['step_ms'], rates['gflops_per_s'],
+                   _duration((total_steps - step) * seconds / len(pending)))
+      pending = []
+    if step % eval_every == 0 or step == total_steps:
+      eval_start = time.perf_counter()
+      valid = evaluator(state['params'], 'valid')
+      meta['eval_s'] += time.perf_counter() - eval_start
+      writer.write(step, 'valid', valid)
+      if valid[c.metric] > meta['best_metric']:
+        meta.update(best_metric=valid[c.metric], best_step=step, bad_evals=0)
+        best.save(step, state['params'], {'valid': valid})
+      else:
+        meta['bad_evals'] += 1
+        meta['done'] = meta['bad_evals'] >= c.patience
+      logging.info('valid @%d: %s | best %s %.4f @%d', step, _fmt(valid),
+                   c.metric, meta['best_metric'], meta['best_step'])
+      meta['iterator'] = batches.state()
+      latest.save(step, state, meta)
+    interval_start = time.perf_counter()
+
+  if step == stop_at_step:  # Pre-empted: save where we are and leave.
+    meta['iterator'] = batches.state()
+    latest.save(step, state, meta)
+    for closing in (latest, best, writer):
+      closing.close()
+    return {}
+  best.close()  # Waits for the last best save to land.
+  best_params, best_meta = best.restore(state['params'])
+  eval_start = time.perf_counter()
+  test = evaluator(best_params, 'test')
+  meta['eval_s'] += time.perf_counter() - eval_start
+  writer.write(meta['best_step'], 'test', test)
+  logging.info('test (best step %d): %s', meta['best_step'], _fmt(test))
+  results = {
+      'backbone': run.spec.backbone, 'best_step': meta['best_step'], 'steps': step,
+      'epochs': step / batches.steps_per_epoch, 'stopped_early': meta['done'],
+      'valid': best_meta['valid'], 'test': test,
+      'params': profiling.count_params(best_params),
+      'param_bytes': profiling.param_bytes(best_params),
+      'macs_per_sequence': profiling.macs(run.spec),
+      'throughput': {k: _steady(throughput, k) for k in
+                     ('positions_per_s', 'sequences_per_s', 'step_ms', 'gflops_per_s')},
+      'compile_s': compile_s, 'train_s': meta['train_s'], 'eval_s': meta['eval_s'],
+      'wall_s': time.time() - wall_start}
+  if jax.process_index() == 0:
+    writers.write_json(os.path.join(workdir, 'results.json'), results)
+  latest.close()
+  writer.close()
+  return results
+
+
+def _example_batch(batches: pipeline.TrainBatches) -> dict[str, np.ndarray]:
+  """A batch of the right shape, leaving the iterator where it was."""
+  position = batches.state()
+  batch = next(batches)
+  batches.restore(position)
+  return batch
+
+
+def _check_finite(metrics: list[dict], max_bad_steps: int, step: int) -> None:
+  bad = 0
+  for m in reversed(metrics):
+    if bool(m['finite']):
+      break
+    bad += 1
+  if bad >= max_bad_steps:
+    raise FloatingPointError(f'{bad} consecutive non-finite steps up to step {step}: '
+                             'lower optim.learning_rate or set optim.grad_clip')
+
+
+def _steady(rates: list[dict[str, float]], name: str) -> float:
+  """Median of a logged rate, leaving out the first interval (warm-up)."""
+  values = [r[name] for r in rates[1:] or rates]
+  return float(np.median(values)) if values else 0.0
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'num_examples')
+
+
+def _duration(seconds: float) -> str:
+  return time.strftime('%H:%M:%S', time.gmtime(max(0.0, seconds)))
+
+
+# ---------------------------------------------------------------- eval mode -
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=eval: validation and test metrics of the best (else latest) params."""
+  run = setup(config, workdir)
+  tx = make_optimizer(config.optim, 1)
+  state = init_state(run.spec, tx, config.seed)
+  best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
+  if best.latest_step() is not None:
+    params, _ = best.restore(state['params'])
+    which = f'best (step {best.latest_step()})'
+  else:
+    latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
+    if latest.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir}: train first (--mode=train)')
+    full, _ = latest.restore(state)
+    params, which = full['params'], f'latest (step {latest.latest_step()})'
+  evaluator = make_evaluator(run)
+  out = {'checkpoint': which, 'valid': evaluator(params, 'valid'),
+         'test': evaluator(params, 'test')}
+  logging.info('%s: valid %s | test %s', which, _fmt(out['valid']), _fmt(out['test']))
+  if jax.process_index() == 0:
+    writers.write_json(os.path.join(workdir, 'eval.json'), out)
+  return out
