@@ -133,12 +133,11 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int) -> 
 
 
 def sampler_log_q(run: Run) -> jax.Array | None:
-  """log Q(item) of the popularity proposal (sampled softmax), else None."""
+  """Unnormalised log popularity, log(1 + training count), for the sampled
+  softmax's 'popularity' proposal; None when it is not used."""
   if run.spec.head != 'sampled' or run.spec.sampler != 'popularity':
     return None
-  count = run.dataset.item_count.astype(np.float64) + 1.0  # +1: never zero
-  count[0] = 0.0
-  return jnp.asarray(np.log(count / count.sum()), jnp.float32)
+  return jnp.log1p(jnp.asarray(run.dataset.item_count, jnp.float32))
 
 
 # ---------------------------------------------------------------- steps -----

@@ -53,6 +53,25 @@ def test_train_evaluate_and_outputs(tmp_path, backbone):
   assert again['test'] == results['test']
 
 
+@pytest.mark.parametrize('variant', ['sampled', 'tied_bf16_history'])
+def test_other_heads_and_protocols_run_end_to_end(tmp_path, variant):
+  config = tiny_config(tmp_path)
+  config.train.update(max_steps=4, eval_every_steps=4)
+  if variant == 'sampled':
+    config.model.update(head='sampled', sampler='popularity', num_samples=16)
+    config.eval.update(protocol='sampled', num_negatives=20)
+  else:
+    config.model.update(tied=True, dtype='bfloat16')
+    config.eval.exclude_history = True
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(results['valid']['NDCG@10']) and results['test']['num_examples'] == 120
+  if variant == 'sampled':  # ranks among 21 candidates: HR@20 misses only rank 20
+    assert results['test']['HR@20'] >= 0.5
+  else:
+    vocabulary = results['params']['embedding'] // config.model.embed_dim
+    assert results['params']['output'] == vocabulary  # tied: the head keeps its bias only
+
+
 def final_state(config, workdir):
   """The latest checkpoint of `workdir` and its JSON side-car."""
   run = train.setup(config, workdir)
