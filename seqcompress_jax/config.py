@@ -110,6 +110,23 @@ def validate(config: ml_collections.ConfigDict, num_items: int | None = None) ->
       raise ConfigError(f'{field}: expected {expected}, got {config[section][name]!r}')
 
 
+def check_overrides(argv: list[str], flag: str, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a `--FLAG.a.b=v` in argv where `config` has no a.b."""
+  prefix = f'--{flag}.'
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split('=', 1)[0].split('.')
+    node = config
+    for depth, key in enumerate(path):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        parent = '.'.join([flag] + path[:depth])
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f'{prefix}{".".join(path)}: {parent} has no field {key!r} '
+                          f'(fields: {", ".join(fields)})')
+      node = node[key]
+
+
 def _smoke(c: ml_collections.ConfigDict) -> None:
   c.data.name = 'synthetic'
   c.data.synthetic.update(num_users=400, num_items=300, mean_len=20.0, max_len=60)

@@ -18,6 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from seqcompress_jax import config as config_lib
 from seqcompress_jax import train
 from seqcompress_jax.config import ConfigError
 from seqcompress_jax.data import DataError
@@ -44,23 +45,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def check_overrides(argv: list[str]) -> None:
-  """Fails clearly on --config.a.b=v where the config has no field a.b."""
+  """Fails clearly on --config.a.b=v where the config file has no field a.b."""
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if spec is None:
-    return
-  config = load_config_file(spec)
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    path = arg[len('--config.'):].split('=', 1)[0]
-    node = config
-    for depth, key in enumerate(path.split('.')):
-      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-        parent = '.'.join(['config'] + path.split('.')[:depth])
-        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ConfigError(f'--config.{path}: {parent} has no field {key!r} '
-                          f'(fields: {", ".join(fields)})')
-      node = node[key]
+  if spec is not None:
+    config_lib.check_overrides(argv, 'config', load_config_file(spec))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,6 +1,8 @@
 """load_dataset end to end: sources, the cache, its atomicity, bad input."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +166,18 @@ def test_saved_arrays_load_without_pickle(file_config):
   with np.load(os.path.join(entry, 'arrays.npz'), allow_pickle=False) as z:
     assert z['raw_item'].dtype.kind == 'U'
   assert dataset.load(entry).raw_user.tolist() == ds.raw_user.tolist()
+
+
+def test_prepare_command_line(tmp_path):
+  cmd = [sys.executable, '-m', 'seqcompress_jax.data.prepare', '--dataset=synthetic',
+         f'--data.cache_dir={tmp_path}', '--data.synthetic.num_users=50',
+         '--data.synthetic.num_items=40']
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-1000:]
+  assert 'users 50' in out.stdout and f'cached in {tmp_path}' in out.stdout
+  bad = subprocess.run(cmd + ['--data.synthetic.sed=1'], capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 1 and "data.synthetic has no field 'sed'" in bad.stderr
+  bad = subprocess.run(cmd + ['--data.min_rating=3'], capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 1 and bad.stderr.startswith('error: data.min_rating=3.0 needs ratings')

@@ -14,20 +14,17 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from seqcompress_jax.config import ConfigError, check_overrides
 from seqcompress_jax.data import dataset
 from seqcompress_jax.data.config import data_config
 from seqcompress_jax.data.interactions import DataError
 from seqcompress_jax.data.load import cache_dir, load_dataset
 
-_DATA = config_flags.DEFINE_config_dict('data', data_config(), 'Data options.')
-_DATASET = flags.DEFINE_string('dataset', None, 'Shortcut for --data.name.')
-
-
 def main(argv: list[str]) -> None:
   del argv
-  cfg = _DATA.value
-  if _DATASET.value:
-    cfg.name = _DATASET.value
+  cfg = flags.FLAGS.data
+  if flags.FLAGS.dataset:
+    cfg.name = flags.FLAGS.dataset
   try:
     ds = load_dataset(cfg)
   except DataError as e:
@@ -38,4 +35,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  # config_flags reads --data.* overrides when the flag is defined: check first.
+  try:
+    check_overrides(sys.argv, 'data', data_config())
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  config_flags.DEFINE_config_dict('data', data_config(), 'Data options.')
+  flags.DEFINE_string('dataset', None, 'Shortcut for --data.name.')
   app.run(main)
