@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 2
   c.model.ffn_dim = 256
   c.model.dropout = 0.0
+  # Layer-wise parameter sharing (CpRec): 'none' | 'cross-layer' | 'cross-block'
+  # | 'adjacent-layer' | 'adjacent-block'.
+  c.model.sharing = 'none'
   c.model.head = 'full'  # 'full' | 'sampled'
   c.model.tied = False
   c.model.num_samples = 1024  # Sampled softmax: negatives per batch.

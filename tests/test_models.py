@@ -207,10 +207,11 @@ def test_nextitnet_params_count_and_names():
   # The CpRec spec's middle layers for d = 512 and four blocks.
   assert param_sizes(make_spec('nextitnet', embed_dim=512, hidden_dim=512,
                                dilations=(1, 4, 1, 4)))['backbone'] == 6_303_744
+  # Unshared: one conv per slot (block i: conv_{2i}, conv_{2i+1}); norms per block.
   backbone = params_for(make_spec('nextitnet'))['backbone']
-  assert set(backbone) == {'block_0', 'block_1'}
-  assert set(backbone['block_0']) == {'conv_a', 'conv_b', 'norm_a', 'norm_b'}
-  conv_a = backbone['block_0']['conv_a']
+  assert set(backbone) == {'block_0', 'block_1', 'conv_0', 'conv_1', 'conv_2', 'conv_3'}
+  assert set(backbone['block_0']) == {'norm_a', 'norm_b'}
+  conv_a = backbone['conv_0']
   assert conv_a['kernel'].shape == (k, c, c)
   assert np.all(conv_a['bias'] == 0) and np.abs(conv_a['kernel']).max() <= 0.04
 
@@ -311,7 +312,7 @@ def test_sampled_head_has_gradients_and_fresh_negatives():
   out = loss_and_grad(spec, params, inputs, targets, key(0))
   assert all_finite(out) and out['loss'] > 0
   assert np.abs(out['grads']['head']['kernel']).max() > 0
-  assert np.abs(out['grads']['backbone']['block_0']['conv_a']['kernel']).max() > 0
+  assert np.abs(out['grads']['backbone']['conv_0']['kernel']).max() > 0
   assert out['loss'] != loss_and_grad(spec, params, inputs, targets, key(1))['loss']
 
 

@@ -1,9 +1,11 @@
 """NextItNet: a stack of residual blocks of causal dilated convolutions.
 
 ResBlock(x; r) = x + ReLU(LN_b(conv_b(ReLU(LN_a(conv_a(x; r))); 2r))), as in
-the CpRec public code's block "b". Parameters live at
-`block_{i}/{conv_a,conv_b,norm_a,norm_b}`; a conv's dilation is a call
-argument, not part of its parameters, so one kernel can serve several slots.
+the CpRec public code's block "b". The convs follow a sharing schedule
+(model.sharing, see sharing.py): only the unique kernels are stored, at
+`conv_{s}`, and block i applies sets schedule[2i] and schedule[2i + 1]. A
+conv's dilation is a call argument, not part of its parameters, so one kernel
+can serve several slots. LayerNorms are never shared: `block_{i}/norm_{a,b}`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from seqcompress_jax.models import sharing
 from seqcompress_jax.models.spec import ModelSpec
 
 CONV_INIT = nn.initializers.truncated_normal(stddev=0.02)
@@ -42,17 +45,18 @@ class CausalConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """Two causal convs (dilations r and 2r), each followed by LayerNorm and ReLU."""
-  channels: int
-  kernel_size: int
+  """Two causal convs (dilations r and 2r), each followed by LayerNorm and ReLU.
+
+  The convs are the caller's (shared by schedule); the LayerNorms are the block's.
+  """
   dtype: DTypeLike = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, dilation: int) -> jax.Array:
-    conv = functools.partial(CausalConv, self.channels, self.kernel_size, self.dtype)
+  def __call__(self, x: jax.Array, conv_a: CausalConv, conv_b: CausalConv,
+               dilation: int) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, LN_EPSILON, dtype=self.dtype)
-    h = nn.relu(norm(name='norm_a')(conv(name='conv_a')(x, dilation)))
-    h = nn.relu(norm(name='norm_b')(conv(name='conv_b')(h, 2 * dilation)))
+    h = nn.relu(norm(name='norm_a')(conv_a(x, dilation)))
+    h = nn.relu(norm(name='norm_b')(conv_b(h, 2 * dilation)))
     return x + h
 
 
@@ -73,7 +77,10 @@ class NextItNet(nn.Module):
     if s.hidden_dim != s.embed_dim:
       x = nn.Dense(s.hidden_dim, use_bias=False, dtype=s.compute_dtype,
                    name='input_proj')(x)
+    slots = sharing.schedule(s.sharing, len(s.dilations))
+    convs = [CausalConv(s.hidden_dim, s.kernel_size, s.compute_dtype, name=f'conv_{j}')
+             for j in range(sharing.num_sets(slots))]
     for i, dilation in enumerate(s.dilations):
-      x = ResidualBlock(s.hidden_dim, s.kernel_size, s.compute_dtype,
-                        name=f'block_{i}')(x, dilation)
+      x = ResidualBlock(s.compute_dtype, name=f'block_{i}')(
+          x, convs[slots[2 * i]], convs[slots[2 * i + 1]], dilation)
     return x

@@ -8,6 +8,11 @@ ids are 0..L-1 over the whole left-padded window.
 Attention is causal and skips PAD keys; each query may always attend to
 itself, so a PAD query whose earlier keys are all PAD has one visible key (no
 NaN, no uniform attention over the future), and the model stays strictly causal.
+
+Layers 2i and 2i + 1 are the two layer slots of block i of a sharing schedule
+(model.sharing, see sharing.py): only the unique attention + FFN weights are
+stored, at `layer_{s}`, and layer l applies set schedule[l]. LayerNorms are
+never shared: `norm_{l}_attn`, `norm_{l}_ffn` and `final_norm`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqcompress_jax.models import sharing
 from seqcompress_jax.models.spec import ModelSpec
 
 LN_EPSILON = 1e-8
@@ -31,23 +37,26 @@ def attention_mask(valid: jax.Array) -> jax.Array:
   return (causal & (valid[:, None, :] | jnp.eye(length, dtype=bool)))[:, None]
 
 
-class TransformerBlock(nn.Module):
-  """x + Dropout(Attn(LN(x))), then x + Dropout(FFN(LN(x))) with a GELU FFN."""
+class TransformerLayer(nn.Module):
+  """x + Dropout(Attn(LN(x))), then x + Dropout(FFN(LN(x))) with a GELU FFN.
+
+  Holds the attention and FFN weights (shared by schedule); the two LayerNorms
+  are the caller's.
+  """
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, norm_attn: nn.LayerNorm,
+               norm_ffn: nn.LayerNorm, *, train: bool) -> jax.Array:
     s, dtype = self.spec, self.spec.compute_dtype
-    norm = functools.partial(nn.LayerNorm, LN_EPSILON, dtype=dtype)
     dropout = nn.Dropout(s.dropout, deterministic=not train)
     h = nn.MultiHeadDotProductAttention(
         s.num_heads, dtype=dtype, qkv_features=s.hidden_dim,
         out_features=s.hidden_dim, broadcast_dropout=False,
         dropout_rate=s.dropout, deterministic=not train,
-        force_fp32_for_softmax=True, name='attn')(norm(name='norm_attn')(x),
-                                                  mask=mask)
+        force_fp32_for_softmax=True, name='attn')(norm_attn(x), mask=mask)
     x = x + dropout(h)
-    h = nn.Dense(s.ffn_dim, dtype=dtype, name='ffn_in')(norm(name='norm_ffn')(x))
+    h = nn.Dense(s.ffn_dim, dtype=dtype, name='ffn_in')(norm_ffn(x))
     h = nn.Dense(s.hidden_dim, dtype=dtype, name='ffn_out')(
         nn.gelu(h, approximate=False))
     return x + dropout(h)
@@ -72,6 +81,11 @@ class SASRec(nn.Module):
     x = x + positions[:length].astype(dtype)
     x = nn.Dropout(s.dropout, deterministic=not train)(x)
     mask = attention_mask(valid)
-    for i in range(s.num_layers):
-      x = TransformerBlock(s, name=f'layer_{i}')(x, mask, train=train)
-    return nn.LayerNorm(LN_EPSILON, dtype=dtype, name='final_norm')(x)
+    slots = sharing.layer_schedule(s.sharing, s.num_layers)
+    layers = [TransformerLayer(s, name=f'layer_{j}')
+              for j in range(sharing.num_sets(slots))]
+    norm = functools.partial(nn.LayerNorm, LN_EPSILON, dtype=dtype)
+    for i, j in enumerate(slots):
+      x = layers[j](x, mask, norm(name=f'norm_{i}_attn'), norm(name=f'norm_{i}_ffn'),
+                    train=train)
+    return norm(name='final_norm')(x)

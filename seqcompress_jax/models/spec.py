@@ -8,6 +8,10 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from seqcompress_jax.config import ConfigError
+from seqcompress_jax.models import sharing
+from seqcompress_jax.models.sharing import SCHEMES
+
 BACKBONES = ('nextitnet', 'sasrec')
 HEADS = ('full', 'sampled')
 SAMPLERS = ('log_uniform', 'uniform', 'popularity')
@@ -22,7 +26,7 @@ def _is_positive_int(value: Any) -> bool:
 class ModelSpec:
   """Sizes and choices of a model; items are ids in [0, num_items), 0 = PAD.
 
-  Validated on construction: a bad value raises ValueError naming its
+  Validated on construction: a bad value raises ConfigError naming its
   `model.*` config field and the value expected.
   """
   num_items: int  # V, PAD included.
@@ -39,6 +43,8 @@ class ModelSpec:
   ffn_dim: int = 256
   # Embedding dropout (both backbones); attention and residual dropout (SASRec).
   dropout: float = 0.2
+  # Layer-wise parameter sharing (both backbones), one of sharing.SCHEMES.
+  sharing: str = 'none'
   # Output.
   head: str = 'full'  # One of HEADS.
   tied: bool = False  # Output weight = the input embedding table.
@@ -61,6 +67,7 @@ class ModelSpec:
         ('head', self.head in HEADS, f'one of {HEADS}'),
         ('sampler', self.sampler in SAMPLERS, f'one of {SAMPLERS}'),
         ('dtype', self.dtype in DTYPES, f'one of {DTYPES}'),
+        ('sharing', self.sharing in SCHEMES, f'one of {SCHEMES}'),
         ('dilations', isinstance(self.dilations, tuple) and bool(self.dilations)
          and all(map(_is_positive_int, self.dilations)),
          'a non-empty tuple or list of positive integers'),
@@ -70,21 +77,23 @@ class ModelSpec:
     ]
     for field, ok, expected in checks:
       if not ok:
-        raise ValueError(f'model.{field}: expected {expected}, '
+        raise ConfigError(f'model.{field}: expected {expected}, '
                          f'got {getattr(self, field)!r}')
     if self.tied and self.hidden_dim != self.embed_dim:
-      raise ValueError(f'model.tied: expected False when hidden_dim '
+      raise ConfigError(f'model.tied: expected False when hidden_dim '
                        f'({self.hidden_dim}) != embed_dim ({self.embed_dim})')
     if self.backbone == 'sasrec' and self.hidden_dim % self.num_heads:
-      raise ValueError(f'model.num_heads: expected a divisor of hidden_dim '
-                       f'({self.hidden_dim}), got {self.num_heads!r}')
+      raise ConfigError(f'model.num_heads: expected a divisor of hidden_dim '
+                        f'({self.hidden_dim}), got {self.num_heads!r}')
+    if self.backbone == 'sasrec':
+      sharing.layer_schedule(self.sharing, self.num_layers)  # Raises if odd.
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict,
                   num_items: int) -> ModelSpec:
     """Reads the `model` config section; absent fields take the defaults above."""
     if 'backbone' not in cfg:
-      raise ValueError(f'model.backbone: expected one of {BACKBONES}, got nothing')
+      raise ConfigError(f'model.backbone: expected one of {BACKBONES}, got nothing')
     values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)
               if f.name != 'num_items' and f.name in cfg}
     return cls(num_items=num_items, **values)
