@@ -36,7 +36,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Layer-wise parameter sharing (CpRec): 'none' | 'cross-layer' | 'cross-block'
   # | 'adjacent-layer' | 'adjacent-block'.
   c.model.sharing = 'none'
-  c.model.head = 'full'  # 'full' | 'sampled'
+  # CpRec blocks: 'block' embedding and/or 'adaptive' head. Cutoffs of the
+  # frequency-sorted ids, or () to cut them where the most frequent items
+  # cover these shares of the training interactions.
+  c.model.embedding = 'full'  # 'full' | 'block'
+  c.model.cutoffs = ()
+  c.model.cutoff_mass = (0.5, 0.8)
+  c.model.block_factor = 4  # Block j is d / factor^(j-1) wide ...
+  c.model.block_widths = ()  # ... unless widths are given.
+  c.model.head = 'full'  # 'full' | 'sampled' | 'adaptive'
   c.model.tied = False
   c.model.num_samples = 1024  # Sampled softmax: negatives per batch.
   c.model.sampler = 'log_uniform'  # 'log_uniform' | 'uniform' | 'popularity'

@@ -85,7 +85,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Loads data, builds the model spec, validates, checks the workdir."""
   ds = load_dataset(config.data)
   config_lib.validate(config, ds.num_items)
-  spec = ModelSpec.from_config(config.model, ds.num_items)
+  spec = ModelSpec.from_config(config.model, ds.num_items, ds.item_count)
   check_workdir(config, workdir)
   history_len = (config.eval.history_len or config.data.max_len
                  if config.eval.exclude_history else 0)
@@ -177,10 +177,11 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
   model, e = run.model, run.config.eval
 
   def encode(params, inputs):
-    return model.apply({'params': params}, inputs, train=False)[:, -1, :]
+    return model.apply({'params': params}, inputs, method=lambda m, x: m.rank_context(
+        m(x, train=False)[:, -1, :]))
 
-  def score(params, hidden, items):
-    return model.apply({'params': params}, hidden, items, method='score')
+  def score(params, context, items):
+    return model.apply({'params': params}, context, items, method='score')
 
   if e.protocol == 'full':
     rank_fn = evaluate.make_rank_fn(encode, score, run.dataset.num_items, e.chunk_size,

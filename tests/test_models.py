@@ -116,7 +116,7 @@ def test_spec_from_config_reads_fields_and_is_hashable():
 
 @pytest.mark.parametrize('overrides, field', [
     (dict(backbone='gru4rec'), 'model.backbone'),
-    (dict(head='adaptive'), 'model.head'),
+    (dict(head='hierarchical'), 'model.head'),
     (dict(sampler='zipf'), 'model.sampler'),
     (dict(dtype='float16'), 'model.dtype'),
     (dict(embed_dim=0), 'model.embed_dim'),

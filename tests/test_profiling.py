@@ -49,9 +49,9 @@ def test_macs_match_xla(backbone, embed_dim, hidden_dim):
   hidden = jnp.ones((hidden_dim,), jnp.float32)
   xla = _xla_macs(lambda p, h: model.apply({'params': p}, h, method='logits'),
                   params, hidden)
-  assert macs['output_last_position'] == hidden_dim * spec.num_items
-  assert macs['output_last_position'] * 0.99 <= xla <= (
-      macs['output_last_position'] * (1 + XLA_TOLERANCE))
+  assert macs['output'] == hidden_dim * spec.num_items
+  assert macs['output'] * 0.99 <= xla <= (
+      macs['output'] * (1 + XLA_TOLERANCE))
 
 
 @pytest.mark.parametrize('embed_dim,hidden_dim', [(16, 16), (8, 16)])

@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqcompress_jax.models.blocks import AdaptiveSoftmax, BlockEmbedding
 from seqcompress_jax.models.heads import FullSoftmax, SampledSoftmax
 from seqcompress_jax.models.nextitnet import NextItNet
 from seqcompress_jax.models.sasrec import SASRec
@@ -27,12 +30,19 @@ class Recommender(nn.Module):
 
   def setup(self):
     s = self.spec
-    self.embed = nn.Embed(s.num_items, s.embed_dim, dtype=s.compute_dtype,
-                          embedding_init=EMBED_INIT)
+    if s.embedding == 'block':
+      self.embed = BlockEmbedding(s.num_items, s.embed_dim, s.cutoffs, s.block_widths,
+                                  dtype=s.compute_dtype)
+    else:
+      self.embed = nn.Embed(s.num_items, s.embed_dim, dtype=s.compute_dtype,
+                            embedding_init=EMBED_INIT)
     self.backbone = {'nextitnet': NextItNet, 'sasrec': SASRec}[s.backbone](s)
     head_args = dict(num_items=s.num_items, features=s.hidden_dim, tied=s.tied,
                      dtype=s.compute_dtype)
-    if s.head == 'sampled':
+    if s.head == 'adaptive':
+      self.head = AdaptiveSoftmax(s.num_items, s.hidden_dim, s.cutoffs, s.block_widths,
+                                  dtype=s.compute_dtype)
+    elif s.head == 'sampled':
       self.head = SampledSoftmax(num_samples=s.num_samples, sampler=s.sampler,
                                  **head_args)
     else:
@@ -55,9 +65,15 @@ class Recommender(nn.Module):
     """
     return self.head.nll(hidden, targets, self._table(), log_q)
 
-  def score(self, hidden: jax.Array, items: jax.Array) -> jax.Array:
-    """hidden [B, H], items [B, C] or [C] -> float32 [B, C], monotone in log p(item)."""
-    return self.head.score(hidden, items, self._table())
+  def rank_context(self, hidden: jax.Array) -> Any:
+    """What `score` needs per sequence, computed once for all item chunks:
+    the hidden state, plus the adaptive head's normalisers."""
+    return self.head.prepare(hidden) if self.spec.head == 'adaptive' else hidden
+
+  def score(self, context: Any, items: jax.Array) -> jax.Array:
+    """context (hidden [B, H] or rank_context's) and items [B, C] or [C] ->
+    float32 [B, C], monotone in log p(item)."""
+    return self.head.score(context, items, self._table())
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., H] -> float32 logits [..., V]; PAD gets heads.PAD_LOGIT."""

@@ -1,4 +1,4 @@
-"""ModelSpec: the static, hashable description of an uncompressed model."""
+"""ModelSpec: the static, hashable description of a model (CpRec blocks included)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from seqcompress_jax.config import ConfigError
-from seqcompress_jax.models import sharing
+from seqcompress_jax.models import blocks, sharing
 from seqcompress_jax.models.sharing import SCHEMES
 
 BACKBONES = ('nextitnet', 'sasrec')
-HEADS = ('full', 'sampled')
+EMBEDDINGS = ('full', 'block')
+HEADS = ('full', 'sampled', 'adaptive')
 SAMPLERS = ('log_uniform', 'uniform', 'popularity')
 DTYPES = ('float32', 'bfloat16')
 
@@ -45,8 +47,15 @@ class ModelSpec:
   dropout: float = 0.2
   # Layer-wise parameter sharing (both backbones), one of sharing.SCHEMES.
   sharing: str = 'none'
+  # Input embedding, one of EMBEDDINGS: 'block' is CpRec's block-wise adaptive one.
+  embedding: str = 'full'
+  # CpRec blocks (block embedding, adaptive head): cutoffs c1 < ... < V of the
+  # frequency-sorted ids, and one width per block (d, d / factor, ...).
+  cutoffs: tuple[int, ...] = ()
+  block_factor: int = 4
+  block_widths: tuple[int, ...] = ()  # Resolved from block_factor when empty.
   # Output.
-  head: str = 'full'  # One of HEADS.
+  head: str = 'full'  # One of HEADS; 'adaptive' is CpRec's block-wise softmax.
   tied: bool = False  # Output weight = the input embedding table.
   num_samples: int = 1024  # Sampled head: negatives per step.
   sampler: str = 'log_uniform'  # One of SAMPLERS.
@@ -87,15 +96,44 @@ class ModelSpec:
                         f'({self.hidden_dim}), got {self.num_heads!r}')
     if self.backbone == 'sasrec':
       sharing.layer_schedule(self.sharing, self.num_layers)  # Raises if odd.
+    if self.tied and (self.embedding != 'full' or self.head == 'adaptive'):
+      raise ConfigError('model.tied: expected False with a block embedding or '
+                        'an adaptive head (block tables are never tied)')
+    if self.uses_blocks:
+      try:
+        cutoffs = blocks.check_cutoffs(self.cutoffs, self.num_items)
+        widths = blocks.block_widths(self.embed_dim, len(cutoffs), self.block_factor,
+                                     self.block_widths or None)
+      except ValueError as e:
+        raise ConfigError(f'model.cutoffs / model.block_widths: {e}') from e
+      object.__setattr__(self, 'cutoffs', cutoffs)
+      object.__setattr__(self, 'block_widths', widths)
+
+  @property
+  def uses_blocks(self) -> bool:
+    return self.embedding == 'block' or self.head == 'adaptive'
 
   @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict,
-                  num_items: int) -> ModelSpec:
-    """Reads the `model` config section; absent fields take the defaults above."""
+  def from_config(cls, cfg: ml_collections.ConfigDict, num_items: int,
+                  item_count: np.ndarray | None = None) -> ModelSpec:
+    """Reads the `model` config section; absent fields take the defaults above.
+
+    With CpRec blocks and no explicit `model.cutoffs`, the cutoffs are cut
+    from the training counts `item_count` at the shares `model.cutoff_mass`.
+    """
     if 'backbone' not in cfg:
       raise ConfigError(f'model.backbone: expected one of {BACKBONES}, got nothing')
     values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)
               if f.name != 'num_items' and f.name in cfg}
+    uses_blocks = (values.get('embedding') == 'block' or values.get('head') == 'adaptive')
+    if uses_blocks and not values.get('cutoffs'):
+      if item_count is None or 'cutoff_mass' not in cfg:
+        raise ConfigError('model.cutoffs: give the cutoffs, or model.cutoff_mass '
+                          'and the training counts to derive them from')
+      try:
+        values['cutoffs'] = blocks.cutoffs_from_mass(item_count, cfg.cutoff_mass)
+      except ValueError as e:
+        raise ConfigError(f'model.cutoff_mass: {e}') from e
     return cls(num_items=num_items, **values)
 
   @property

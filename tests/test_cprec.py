@@ -1,0 +1,84 @@
+"""CpRec wired into the model and the program: cutoffs from the config, exact
+full-ranking with the adaptive head, a compressed run end to end."""
+
+import jax
+import numpy as np
+import pytest
+
+from seqcompress_jax import config as config_lib
+from seqcompress_jax import evaluate, profiling, train
+from seqcompress_jax.data import pipeline
+from seqcompress_jax.models import model as model_lib
+from seqcompress_jax.models.spec import ModelSpec
+
+
+def cprec_model_config(**overrides):
+  config = config_lib.base_config()
+  config.data.max_len = 8
+  config.model.update(backbone='nextitnet', embed_dim=16, hidden_dim=16, dilations=(1, 2),
+                      embedding='block', head='adaptive', sharing='cross-block', **overrides)
+  return config.model
+
+
+def test_cutoffs_come_from_the_training_mass():
+  # 10 items: the top 2 hold 50% of 20 interactions, the top 5 hold 80%.
+  count = np.array([0, 6, 4, 3, 2, 1, 1, 1, 1, 1, 0])
+  spec = ModelSpec.from_config(cprec_model_config(cutoff_mass=(0.5, 0.8)), 11, count)
+  assert spec.cutoffs == (3, 6, 11)
+  assert spec.block_widths == (16, 4, 1)
+  explicit = ModelSpec.from_config(cprec_model_config(cutoffs=(4, 8)), 11)
+  assert explicit.cutoffs == (4, 8, 11)
+  with pytest.raises(config_lib.ConfigError, match='model.cutoffs'):
+    ModelSpec.from_config(cprec_model_config(), 11)  # no counts to cut from
+  with pytest.raises(config_lib.ConfigError, match='model.cutoffs'):
+    ModelSpec.from_config(cprec_model_config(cutoffs=(8, 4)), 11)
+  with pytest.raises(config_lib.ConfigError, match='model.tied'):
+    ModelSpec.from_config(cprec_model_config(cutoffs=(4, 8), tied=True), 11)
+
+
+def test_full_ranking_with_the_adaptive_head_is_exact():
+  spec = ModelSpec.from_config(cprec_model_config(cutoffs=(6, 15)), 30)
+  model = model_lib.Recommender(spec)
+  params = model_lib.init(spec, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(0, 30, (13, 8)).astype(np.int32)
+  targets = rng.integers(1, 30, 13).astype(np.int32)
+
+  def encode(p, x):
+    return model.apply({'params': p}, x, method=lambda m, x: m.rank_context(
+        m(x, train=False)[:, -1]))
+
+  def score(p, context, items):
+    return model.apply({'params': p}, context, items, method='score')
+
+  examples = pipeline.EvalSet(inputs=inputs, targets=targets, users=np.arange(13), history=None)
+  rank_fn = evaluate.make_rank_fn(encode, score, 30, chunk_size=7)
+  ranks = evaluate.ranks_of(rank_fn, params, pipeline.eval_batches(examples, 4))
+  log_p = np.asarray(model.apply({'params': params}, inputs, method=lambda m, x: m.logits(
+      m(x, train=False)[:, -1])), np.float64)
+  assert np.allclose(np.exp(log_p[:, 1:]).sum(axis=1), 1.0, atol=1e-5)
+  target = log_p[np.arange(13), targets]
+  brute = (log_p[:, 1:] > target[:, None] + 1e-5).sum(axis=1)
+  near = (np.abs(log_p[:, 1:] - target[:, None]) <= 1e-5).sum(axis=1) - 1
+  assert np.all(ranks >= brute) and np.all(ranks <= brute + near)
+
+
+def test_compressed_model_trains_end_to_end(tmp_path):
+  config = config_lib.apply_presets(config_lib.base_config(), 'smoke')
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.synthetic.update(num_users=120, num_items=60, mean_len=12.0, max_len=30)
+  config.data.update(max_len=10, batch_size=16, eval_batch_size=32)
+  config.model.update(embed_dim=16, hidden_dim=16, dilations=(1, 2, 1, 2),
+                      embedding='block', head='adaptive', sharing='cross-block')
+  config.train.update(max_steps=6, eval_every_steps=3, log_every_steps=3)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(results['test']['NDCG@10'])
+  spec = train.setup(config, str(tmp_path / 'run')).spec
+  plain = ModelSpec(num_items=spec.num_items, backbone='nextitnet', embed_dim=16,
+                    hidden_dim=16, max_len=10, dilations=(1, 2, 1, 2))
+  compressed = profiling.count_params(model_lib.init(spec, jax.random.key(0)))
+  uncompressed = profiling.count_params(model_lib.init(plain, jax.random.key(0)))
+  assert results['params'] == compressed
+  for part in ('embedding', 'middle', 'output'):
+    assert compressed[part] < uncompressed[part]
+  assert profiling.macs(spec)['output'] < profiling.macs(plain)['output']
