@@ -82,3 +82,33 @@ def test_compressed_model_trains_end_to_end(tmp_path):
   for part in ('embedding', 'middle', 'output'):
     assert compressed[part] < uncompressed[part]
   assert profiling.macs(spec)['output'] < profiling.macs(plain)['output']
+
+
+def load_cprec_config(arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'cprec.py')
+  module_spec = importlib.util.spec_from_file_location('cprec_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('backbone', ['nextitnet', 'sasrec'])
+def test_every_cell_of_the_grid_builds(backbone):
+  count = np.concatenate([[0], 4000 // np.arange(1, 401)])  # 1/rank popularity
+  sizes = {}
+  for blocks in ('full', 'block-input', 'block-softmax', 'both'):
+    for scheme in ('none', 'cross-layer', 'cross-block', 'adjacent-layer', 'adjacent-block'):
+      config = load_cprec_config(f'{blocks},{scheme},{backbone}')
+      spec = ModelSpec.from_config(config.model, len(count), count)
+      shapes = jax.eval_shape(lambda: model_lib.init(spec, jax.random.key(0)))
+      sizes[blocks, scheme] = profiling.count_params(shapes)
+  for blocks in ('full', 'block-input', 'block-softmax', 'both'):
+    middle = {s: sizes[blocks, s]['middle'] for s in ('none', 'cross-layer', 'cross-block')}
+    assert middle['none'] > middle['cross-block'] > middle['cross-layer']
+  assert sizes['block-input', 'none']['embedding'] < sizes['full', 'none']['embedding']
+  assert sizes['block-softmax', 'none']['output'] < sizes['full', 'none']['output']
+  assert sizes['both', 'cross-block']['total'] < sizes['full', 'none']['total'] / 2
+  with pytest.raises(config_lib.ConfigError, match="unknown preset 'turbo'"):
+    load_cprec_config('both,turbo')
