@@ -6,22 +6,18 @@ parameters and MACs per backbone and width, each in a fresh process (own RSS).
 
 from __future__ import annotations
 
-import functools
 import json
-import resource
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import evaluate, profiling, train
+from seqcompress_jax import profiling
 from seqcompress_jax.data import pipeline
-from seqcompress_jax.models import model as model_lib
 from seqcompress_jax.models.spec import ModelSpec
 
 _BACKBONES = flags.DEFINE_list('backbones', ['nextitnet', 'sasrec'], 'Backbones to run.')
@@ -32,7 +28,6 @@ _MAX_LEN = flags.DEFINE_integer('max_len', 50, 'Positions per sequence.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed training steps.')
 _OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
 _ONE = flags.DEFINE_string('one', '', 'Internal: run one BACKBONE:WIDTH in this process.')
-_WARMUP_STEPS, _EVAL_RUNS = 3, 3  # Untimed train steps; timed full-ranking runs.
 
 
 def random_batch(rng: np.random.Generator, batch_size: int, max_len: int,
@@ -45,17 +40,6 @@ def random_batch(rng: np.random.Generator, batch_size: int, max_len: int,
   return pipeline.split_window(window)
 
 
-def _median_seconds(fn: Callable[[], Any], runs: int, warmup: int) -> float:
-  """Median wall time of `fn()` (blocked until ready) over `runs` after `warmup` calls."""
-  times = []
-  for i in range(warmup + runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def run_one(backbone: str, width: int, num_items: int, batch_size: int, max_len: int,
             steps: int, eval_sequences: int = 1024) -> dict[str, Any]:
   """Times the train step and full-ranking evaluation of one model size."""
@@ -64,47 +48,11 @@ def run_one(backbone: str, width: int, num_items: int, batch_size: int, max_len:
   config.model.update(backbone=backbone, embed_dim=width, hidden_dim=width,
                       ffn_dim=4 * width)
   spec = ModelSpec.from_config(config.model, num_items)
-  model = model_lib.Recommender(spec)
-  tx = train.make_optimizer(config.optim, steps)
-  state = train.init_state(spec, tx, config.seed)
   rng = np.random.default_rng(0)
-  batch = jax.device_put(random_batch(rng, batch_size, max_len, num_items))
-
-  start = time.perf_counter()
-  step_fn = jax.jit(functools.partial(train.train_step, model, tx, None),
-                    donate_argnums=0).lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-
-  def train_step():
-    nonlocal state
-    state, _ = step_fn(state, batch)
-    return state
-
-  step_s = _median_seconds(train_step, steps, _WARMUP_STEPS)
-
-  def encode(p, inputs):
-    return model.apply({'params': p}, inputs, train=False)[:, -1, :]
-
-  def score(p, hidden, items):
-    return model.apply({'params': p}, hidden, items, method='score')
-
-  rank_fn = evaluate.make_rank_fn(encode, score, num_items, chunk_size=4096)
+  batch = random_batch(rng, batch_size, max_len, num_items)
   eval_batch = random_batch(rng, eval_sequences, max_len, num_items)
-  eval_batch = jax.device_put({'inputs': eval_batch['inputs'],
-                               'targets': eval_batch['targets'][:, -1]})
-  eval_s = _median_seconds(lambda: rank_fn(state['params'], eval_batch), _EVAL_RUNS, 1)
-
-  flops = profiling.compiled_flops(step_fn)
-  positions = int((batch['targets'] != 0).sum())
-  return {
-      'device': jax.devices()[0].device_kind, 'backbone': backbone, 'width': width,
-      'params': profiling.count_params(state['params'])['total'],
-      'macs_inference': profiling.macs(spec)['inference'], 'compile_s': compile_s,
-      'step_ms': 1e3 * step_s, 'sequences_per_s': batch_size / step_s,
-      'positions_per_s': positions / step_s, 'gflop_per_step': flops / 1e9,
-      'gflops_per_s': flops / step_s / 1e9, 'eval_ms': 1e3 * eval_s,
-      'eval_sequences_per_s': eval_sequences / eval_s,
-      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+  return {'device': jax.devices()[0].device_kind, 'backbone': backbone, 'width': width,
+          **profiling.measure(spec, batch, eval_batch, steps)}
 
 
 # Table columns: (title, key of run_one's result, format).

@@ -1,8 +1,7 @@
 """train_and_evaluate(config, workdir): the training program, top to bottom.
 
-Train state is a plain dict {params, opt_state, step, rng}; the rng is folded
-with the step and the batch iterator's position is checkpointed, so a resumed
-run continues bit-for-bit. Model selection is on validation; the best
+The train state (step.py) and the batch iterator's position are checkpointed,
+so a resumed run continues bit-for-bit. Model selection is on validation; the best
 parameters are evaluated once on test at the end.
 """
 
@@ -20,55 +19,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import evaluate, profiling, writers
+from seqcompress_jax import compression, evaluate, profiling, writers
+from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import Dataset, load_dataset, pipeline
-from seqcompress_jax.models import model as model_lib
 from seqcompress_jax.models.model import Recommender
 from seqcompress_jax.models.spec import ModelSpec
 
-State = dict[str, Any]
 # Fields that may change when a run in a workdir is resumed or re-evaluated.
 _RESUMABLE_CHANGES = ('train.num_epochs', 'train.max_steps', 'train.log_every_steps',
                       'train.patience', 'data.cache_dir', 'eval.chunk_size')
 
 
 # ---------------------------------------------------------------- set-up ----
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Constant, cosine (to 0) or exponential (to decay_rate * lr) over the steps
-  after a linear warm-up from 0."""
-  lr, warmup = optim.learning_rate, optim.warmup_steps
-  decay_steps = max(1, total_steps - warmup)
-  if optim.schedule == 'constant':
-    schedule = optax.constant_schedule(lr)
-  elif optim.schedule == 'cosine':
-    schedule = optax.cosine_decay_schedule(lr, decay_steps)
-  else:
-    schedule = optax.exponential_decay(lr, decay_steps, optim.decay_rate)
-  if not warmup:
-    return schedule
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """Adam/AdamW on `make_schedule`, global-norm clipping, and weight decay
-  (decoupled for AdamW; for Adam an L2 term, i.e. added to the gradient)."""
-  schedule = make_schedule(optim, total_steps)
-  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
-  if optim.optimizer == 'adamw':
-    parts.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
-  else:
-    if optim.weight_decay:
-      parts.append(optax.add_decayed_weights(optim.weight_decay))
-    parts.append(optax.adam(schedule))
-  return optax.chain(*parts)
-
-
 @dataclasses.dataclass
 class Run:
   """Everything derived from (config, workdir) before the first step."""
@@ -123,53 +89,12 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int) -> State:
-  """A new train state: parameters from `seed`, the step's rng from it too."""
-  rng = jax.random.key(seed)
-  params = model_lib.init(spec, rng)
-  return {'params': params, 'opt_state': tx.init(params),
-          'step': jnp.zeros((), jnp.int32),
-          'rng': jax.random.key_data(jax.random.fold_in(rng, 1))}
-
-
 def sampler_log_q(run: Run) -> jax.Array | None:
   """Unnormalised log popularity, log(1 + training count), for the sampled
   softmax's 'popularity' proposal; None when it is not used."""
   if run.spec.head != 'sampled' or run.spec.sampler != 'popularity':
     return None
   return jnp.log1p(jnp.asarray(run.dataset.item_count, jnp.float32))
-
-
-# ---------------------------------------------------------------- steps -----
-def train_step(model: Recommender, tx: optax.GradientTransformation,
-               log_q: jax.Array | None, state: State,
-               batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-  """One update on the mean NLL over the batch's non-PAD targets. A step with a
-  non-finite loss or gradient leaves params and optimizer state unchanged."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-  dropout_rng, sample_rng = jax.random.split(rng)
-  targets = batch['targets']
-  count = jnp.maximum((targets != 0).sum(), 1)
-
-  def loss_fn(params):
-    variables = {'params': params}
-    hidden = model.apply(variables, batch['inputs'], train=True,
-                         rngs={'dropout': dropout_rng})
-    nll = model.apply(variables, hidden, targets, log_q=log_q, method='loss',
-                      rngs={'sample': sample_rng})
-    return nll.sum() / count
-
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-  new_state = {'params': keep(params, state['params']),
-               'opt_state': keep(opt_state, state['opt_state']),
-               'step': state['step'] + 1, 'rng': state['rng']}
-  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
-                     'targets': count}
 
 
 def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
@@ -218,8 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   jax.process_index(), jax.process_count())
   total_steps = c.max_steps or c.num_epochs * batches.steps_per_epoch
   eval_every = c.eval_every_steps or batches.steps_per_epoch
-  tx = make_optimizer(config.optim, total_steps)
-  state = init_state(run.spec, tx, config.seed)
+  tx = step_lib.make_optimizer(config.optim, total_steps)
+  state = step_lib.init_state(run.spec, tx, config.seed)
   latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
   best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
   meta = {'iterator': batches.state(), 'best_metric': -math.inf, 'best_step': 0,
@@ -237,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                profiling.count_params(state['params']))
 
   compile_start = time.perf_counter()
-  step_fn = jax.jit(functools.partial(train_step, run.model, tx, log_q),
+  step_fn = jax.jit(functools.partial(step_lib.train_step, run.model, tx, log_q),
                     donate_argnums=0).lower(state, _example_batch(batches)).compile()
   compile_s = time.perf_counter() - compile_start
   flops_per_step = profiling.compiled_flops(step_fn)
@@ -308,6 +233,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      ('positions_per_s', 'sequences_per_s', 'step_ms', 'gflops_per_s')},
       'compile_s': compile_s, 'train_s': meta['train_s'], 'eval_s': meta['eval_s'],
       'wall_s': time.time() - wall_start}
+  if c.compression_report:
+    n = min(len(run.test), config.data.eval_batch_size)
+    results['compression'] = compression.report(
+        run.spec, _example_batch(batches),
+        {'inputs': run.test.inputs[:n], 'targets': run.test.targets[:n, None]})
+    logging.info('Against the uncompressed model of the same widths:\n%s',
+                 compression.format_report(results['compression']))
   if jax.process_index() == 0:
     writers.write_json(os.path.join(workdir, 'results.json'), results)
   latest.close()
@@ -352,8 +284,8 @@ def _duration(seconds: float) -> str:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: validation and test metrics of the best (else latest) params."""
   run = setup(config, workdir)
-  tx = make_optimizer(config.optim, 1)
-  state = init_state(run.spec, tx, config.seed)
+  tx = step_lib.make_optimizer(config.optim, 1)
+  state = step_lib.init_state(run.spec, tx, config.seed)
   best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
   if best.latest_step() is not None:
     params, _ = best.restore(state['params'])

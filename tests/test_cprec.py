@@ -70,8 +70,15 @@ def test_compressed_model_trains_end_to_end(tmp_path):
   config.data.update(max_len=10, batch_size=16, eval_batch_size=32)
   config.model.update(embed_dim=16, hidden_dim=16, dilations=(1, 2, 1, 2),
                       embedding='block', head='adaptive', sharing='cross-block')
-  config.train.update(max_steps=6, eval_every_steps=3, log_every_steps=3)
+  config.train.update(max_steps=6, eval_every_steps=3, log_every_steps=3,
+                      compression_report=True)
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  report = results['compression']
+  assert report['compressed']['params'] == results['params']
+  assert report['ratio']['params_total'] == pytest.approx(
+      report['uncompressed']['params']['total'] / results['params']['total'])
+  assert report['ratio']['params_total'] > 1.5
+  assert report['compressed']['step_ms'] > 0 and report['uncompressed']['eval_ms'] > 0
   assert np.isfinite(results['test']['NDCG@10'])
   spec = train.setup(config, str(tmp_path / 'run')).spec
   plain = ModelSpec(num_items=spec.num_items, backbone='nextitnet', embed_dim=16,

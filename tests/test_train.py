@@ -13,6 +13,7 @@ import pytest
 
 from seqcompress_jax import config as config_lib
 from seqcompress_jax import main as main_lib
+from seqcompress_jax import step as step_lib
 from seqcompress_jax import train
 from seqcompress_jax.checkpointing import Checkpoints
 
@@ -75,8 +76,8 @@ def test_other_heads_and_protocols_run_end_to_end(tmp_path, variant):
 def final_state(config, workdir):
   """The latest checkpoint of `workdir` and its JSON side-car."""
   run = train.setup(config, workdir)
-  tx = train.make_optimizer(config.optim, config.train.max_steps)
-  like = train.init_state(run.spec, tx, config.seed)
+  tx = step_lib.make_optimizer(config.optim, config.train.max_steps)
+  like = step_lib.init_state(run.spec, tx, config.seed)
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
   state, meta = ckpt.restore(like)
   ckpt.close()
@@ -109,12 +110,12 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 def test_non_finite_step_leaves_the_state_unchanged(tmp_path):
   config = tiny_config(tmp_path)
   run = train.setup(config, str(tmp_path / 'run'))
-  tx = train.make_optimizer(config.optim, 10)
-  state = train.init_state(run.spec, tx, config.seed)
+  tx = step_lib.make_optimizer(config.optim, 10)
+  state = step_lib.init_state(run.spec, tx, config.seed)
   table = state['params']['embed']['embedding']
   state['params']['embed']['embedding'] = table.at[3].set(jnp.inf)
   batch = {'inputs': jnp.full((4, 10), 3, jnp.int32), 'targets': jnp.full((4, 10), 5, jnp.int32)}
-  new, metrics = train.train_step(run.model, tx, None, state, batch)
+  new, metrics = step_lib.train_step(run.model, tx, None, state, batch)
   assert not bool(metrics['finite']) and int(new['step']) == 1
   jax.tree.map(np.testing.assert_array_equal, new['params'], state['params'])
   jax.tree.map(np.testing.assert_array_equal, new['opt_state'], state['opt_state'])
@@ -127,7 +128,7 @@ def test_non_finite_step_leaves_the_state_unchanged(tmp_path):
 def test_schedules_warm_up_then_reach_their_end_value(schedule, at_end):
   optim = config_lib.base_config().optim
   optim.update(learning_rate=1e-2, schedule=schedule, warmup_steps=10, decay_rate=0.1)
-  lr = train.make_schedule(optim, total_steps=110)
+  lr = step_lib.make_schedule(optim, total_steps=110)
   assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-3)
   assert float(lr(10)) == pytest.approx(1e-2)
   assert float(lr(110)) == pytest.approx(at_end, abs=1e-9)
@@ -137,11 +138,11 @@ def test_adam_weight_decay_is_l2_and_adamw_is_decoupled():
   optim = config_lib.base_config().optim
   optim.update(learning_rate=0.1, weight_decay=0.5, grad_clip=0.0)
   params, zero_grad = {'w': jnp.array([2.0])}, {'w': jnp.array([0.0])}
-  adam = train.make_optimizer(optim, 10)
+  adam = step_lib.make_optimizer(optim, 10)
   update, _ = adam.update(zero_grad, adam.init(params), params)
   assert float(update['w'][0]) == pytest.approx(-0.1, rel=1e-4)  # Adam normalises wd * w
   optim.optimizer = 'adamw'
-  adamw = train.make_optimizer(optim, 10)
+  adamw = step_lib.make_optimizer(optim, 10)
   update, _ = adamw.update(zero_grad, adamw.init(params), params)
   assert float(update['w'][0]) == pytest.approx(-0.1 * 0.5 * 2.0)
 
