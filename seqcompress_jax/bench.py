@@ -20,15 +20,6 @@ from seqcompress_jax import profiling
 from seqcompress_jax.data import pipeline
 from seqcompress_jax.models.spec import ModelSpec
 
-_BACKBONES = flags.DEFINE_list('backbones', ['nextitnet', 'sasrec'], 'Backbones to run.')
-_WIDTHS = flags.DEFINE_list('widths', ['32', '64', '128'], 'embed_dim = hidden_dim values.')
-_NUM_ITEMS = flags.DEFINE_integer('num_items', 1683, 'Vocabulary size V, PAD included.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Training sequences per step.')
-_MAX_LEN = flags.DEFINE_integer('max_len', 50, 'Positions per sequence.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed training steps.')
-_OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
-_ONE = flags.DEFINE_string('one', '', 'Internal: run one BACKBONE:WIDTH in this process.')
-
 
 def random_batch(rng: np.random.Generator, batch_size: int, max_len: int,
                  num_items: int) -> dict[str, np.ndarray]:
@@ -67,15 +58,15 @@ _COLUMNS = (
 
 def main(argv: list[str]) -> None:
   del argv
-  sizes = dict(num_items=_NUM_ITEMS.value, batch_size=_BATCH_SIZE.value,
-               max_len=_MAX_LEN.value, steps=_STEPS.value)
-  if _ONE.value:
-    backbone, width = _ONE.value.split(':')
+  sizes = dict(num_items=flags.FLAGS.num_items, batch_size=flags.FLAGS.batch_size,
+               max_len=flags.FLAGS.max_len, steps=flags.FLAGS.steps)
+  if flags.FLAGS.one:
+    backbone, width = flags.FLAGS.one.split(':')
     print(json.dumps(run_one(backbone, int(width), **sizes)))
     return
   rows = []
-  for backbone in _BACKBONES.value:
-    for width in _WIDTHS.value:
+  for backbone in flags.FLAGS.backbones:
+    for width in flags.FLAGS.widths:
       out = subprocess.run([sys.executable, '-m', 'seqcompress_jax.bench',
                             f'--one={backbone}:{width}']
                            + [f'--{name}={value}' for name, value in sizes.items()],
@@ -85,10 +76,18 @@ def main(argv: list[str]) -> None:
   print('|' + '---|' * len(_COLUMNS))
   for r in rows:
     print('| ' + ' | '.join(fmt.format(r[key]) for _, key, fmt in _COLUMNS) + ' |')
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, 'w') as f:
       json.dump({**sizes, 'runs': rows}, f, indent=2)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # Flags here, not at import: tests import this module.
+  flags.DEFINE_list('backbones', ['nextitnet', 'sasrec'], 'Backbones to run.')
+  flags.DEFINE_list('widths', ['32', '64', '128'], 'embed_dim = hidden_dim values.')
+  flags.DEFINE_integer('num_items', 1683, 'Vocabulary size V, PAD included.')
+  flags.DEFINE_integer('batch_size', 256, 'Training sequences per step.')
+  flags.DEFINE_integer('max_len', 50, 'Positions per sequence.')
+  flags.DEFINE_integer('steps', 20, 'Timed training steps.')
+  flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+  flags.DEFINE_string('one', '', 'Internal: run one BACKBONE:WIDTH in this process.')
   app.run(main)

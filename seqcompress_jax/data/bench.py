@@ -18,11 +18,6 @@ from absl import app, flags
 
 from seqcompress_jax.data import dataset, pipeline, preprocess, split, synthetic
 
-_SIZES = flags.DEFINE_list('sizes', ['1000000', '10000000'], 'Interactions per run.')
-_CORE = flags.DEFINE_integer('core', 5, 'user_core = item_core for the k-core.')
-_OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
-_ONE = flags.DEFINE_integer('one', 0, 'Internal: run one size in this process.')
-
 
 def run_one(interactions: int, core: int) -> dict:
   """Prepares ~`interactions` synthetic rows (mean length 20, items = rows / 10)."""
@@ -59,13 +54,13 @@ def run_one(interactions: int, core: int) -> dict:
 
 def main(argv: list[str]) -> None:
   del argv
-  if _ONE.value:
-    print(json.dumps(run_one(_ONE.value, _CORE.value)))
+  if flags.FLAGS.one:
+    print(json.dumps(run_one(flags.FLAGS.one, flags.FLAGS.core)))
     return
   rows = []
-  for size in map(int, _SIZES.value):
+  for size in map(int, flags.FLAGS.sizes):
     out = subprocess.run([sys.executable, '-m', 'seqcompress_jax.data.bench',
-                          f'--one={size}', f'--core={_CORE.value}'],
+                          f'--one={size}', f'--core={flags.FLAGS.core}'],
                          capture_output=True, text=True, check=True)
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
   stages = list(rows[0]['seconds'])
@@ -76,10 +71,14 @@ def main(argv: list[str]) -> None:
     print(f"| {r['interactions']:,} | {r['users']:,} | {r['items']:,} | "
           + ' | '.join(f"{r['seconds'][s]:.2f}" for s in stages)
           + f" | {r['total_s']:.1f} | {r['peak_rss_mib']:,} |")
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump({'core': _CORE.value, 'runs': rows}, f, indent=2)
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, 'w') as f:
+      json.dump({'core': flags.FLAGS.core, 'runs': rows}, f, indent=2)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # Flags here, not at import: tests import this module.
+  flags.DEFINE_list('sizes', ['1000000', '10000000'], 'Interactions per run.')
+  flags.DEFINE_integer('core', 5, 'user_core = item_core for the k-core.')
+  flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+  flags.DEFINE_integer('one', 0, 'Internal: run one size in this process.')
   app.run(main)
