@@ -174,8 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, metrics = step_fn(state, next(batches))
     step += 1
     pending.append(metrics)
-    if step % c.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
-      pending = jax.device_get(pending)
+    evaluate_now = step % eval_every == 0 or step == total_steps
+    if evaluate_now or step % c.log_every_steps == 0:
+      pending = jax.device_get(pending)  # Waits for the interval's steps to finish.
       seconds = time.perf_counter() - interval_start
       meta['train_s'] += seconds
       _check_finite(pending, c.max_bad_steps, step)
@@ -192,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    rates['sequences_per_s'], rates['step_ms'], rates['gflops_per_s'],
                    _duration((total_steps - step) * seconds / len(pending)))
       pending = []
-    if step % eval_every == 0 or step == total_steps:
+    if evaluate_now:
       eval_start = time.perf_counter()
       valid = evaluator(state['params'], 'valid')
       meta['eval_s'] += time.perf_counter() - eval_start
@@ -207,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    c.metric, meta['best_metric'], meta['best_step'])
       meta['iterator'] = batches.state()
       latest.save(step, state, meta)
-    interval_start = time.perf_counter()
+    if not pending:  # Logged: the next interval starts now, evaluation excluded.
+      interval_start = time.perf_counter()
 
   if step == stop_at_step:  # Pre-empted: save where we are and leave.
     meta['iterator'] = batches.state()
