@@ -18,6 +18,9 @@ GRIDS = {
     # CpRec's ablation on ML-100K: every block variant x sharing scheme (20 runs).
     'cprec': _cprec('nextitnet'),
     'cprec-sasrec': _cprec('sasrec'),
+    # CpRec's default against the uncompressed model of the same widths.
+    'cprec-headline': [('nextitnet-full-none', 'configs/cprec.py:full,none', {}),
+                       ('nextitnet-both-cross-block', 'configs/cprec.py:both,cross-block', {})],
     # The uncompressed backbones.
     'backbones': [('nextitnet', 'configs/nextitnet.py', {}),
                   ('sasrec', 'configs/sasrec.py', {})],
