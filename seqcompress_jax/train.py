@@ -114,15 +114,16 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
   else:
     rank_fn = evaluate.make_sampled_rank_fn(encode, score)
 
+  negatives = {  # Drawn once: every evaluation ranks against the same ones.
+      split: evaluate.sample_negatives(
+          getattr(run, split).targets, run.dataset.num_items, e.num_negatives,
+          e.negative_sampler, run.dataset.item_count, seed=run.config.seed)
+      for split in ('valid', 'test')} if e.protocol == 'sampled' else {}
+
   def batches(split: str) -> Iterator[dict[str, np.ndarray]]:
-    examples = getattr(run, split)
-    stream = pipeline.eval_batches(examples, run.config.data.eval_batch_size,
+    stream = pipeline.eval_batches(getattr(run, split), run.config.data.eval_batch_size,
                                    jax.process_index(), jax.process_count())
-    if e.protocol == 'full':
-      return stream
-    return evaluate.with_negatives(stream, evaluate.sample_negatives(
-        examples.targets, run.dataset.num_items, e.num_negatives, e.negative_sampler,
-        run.dataset.item_count, seed=run.config.seed))
+    return evaluate.with_negatives(stream, negatives[split]) if negatives else stream
 
   return lambda params, split: evaluate.evaluate(rank_fn, params, batches(split), e.ks)
 
