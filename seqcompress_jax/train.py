@@ -68,9 +68,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    differ = [k for k in sorted(set(_flatten(saved)) | set(_flatten(current)))
-              if _flatten(saved).get(k) != _flatten(current).get(k)
-              and k not in _RESUMABLE_CHANGES]
+    saved, flat = _flatten(saved), _flatten(current)
+    differ = [k for k in sorted(set(saved) | set(flat))
+              if saved.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES]
     if differ:
       raise config_lib.ConfigError(
           f'{workdir} holds a run of another config (differs in {", ".join(differ)}); '

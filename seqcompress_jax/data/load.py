@@ -21,9 +21,11 @@ from seqcompress_jax.data.interactions import DataError
 CACHE_VERSION = 1
 
 
-def cache_dir(cfg: ml_collections.ConfigDict) -> str:
-  """The cache entry of `cfg`: keyed by the source's fingerprint and options."""
-  key = json.dumps({'version': CACHE_VERSION, 'source': sources.fingerprint(cfg),
+def cache_dir(cfg: ml_collections.ConfigDict, fingerprint: dict | None = None) -> str:
+  """The cache entry of `cfg`: keyed by the source's fingerprint (computed
+  when not given: for a file, a hash of its content) and the options."""
+  fingerprint = fingerprint or sources.fingerprint(cfg)
+  key = json.dumps({'version': CACHE_VERSION, 'source': fingerprint,
                     'options': {k: cfg[k] for k in PREPARATION_FIELDS}},
                    sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -34,7 +36,8 @@ def cache_dir(cfg: ml_collections.ConfigDict) -> str:
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
   """The prepared dataset `cfg` (a `data_config()`) names, from cache or built."""
   validate(cfg)
-  directory = cache_dir(cfg)
+  fingerprint = sources.fingerprint(cfg)  # Hashes a file source once.
+  directory = cache_dir(cfg, fingerprint)
   if os.path.exists(os.path.join(directory, 'meta.json')):
     return dataset_lib.load(directory)
   inter = preprocess.filter_interactions(
@@ -48,7 +51,7 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     raise DataError(f'{inter.source}: no user has enough interactions for a test '
                     f'example under data.split={cfg.split!r}')
   meta = {'name': cfg.name, 'source': inter.source,
-          'fingerprint': sources.fingerprint(cfg),
+          'fingerprint': fingerprint,
           'options': {k: cfg[k] for k in PREPARATION_FIELDS}}
   ds = dataset_lib.index_by_frequency(seqs, the_split, meta)
   dataset_lib.save(ds, directory)

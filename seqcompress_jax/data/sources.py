@@ -58,13 +58,17 @@ def fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   if cfg.name == 'synthetic':
     return {'name': 'synthetic', **cfg.synthetic.to_dict()}
   if cfg.name == 'file':
-    if not cfg.path:
-      raise DataError("data.path: data.name='file' needs the path of a log file")
-    return {'name': 'file', 'sha256': file_digest(cfg.path),
+    return {'name': 'file', 'sha256': file_digest(_log_path(cfg)),
             **{k: cfg[k] for k in ('format', 'sep', 'header', 'user_field',
                                    'item_field', 'time_field', 'rating_field')}}
   raise DataError(f"data.name: expected one of ('ml-100k', 'synthetic', 'file'), "
                   f'got {cfg.name!r}')
+
+
+def _log_path(cfg: ml_collections.ConfigDict) -> str:
+  if not cfg.path:
+    raise DataError("data.path: data.name='file' needs the path of a log file")
+  return cfg.path
 
 
 def read_source(cfg: ml_collections.ConfigDict) -> Interactions:
@@ -73,9 +77,8 @@ def read_source(cfg: ml_collections.ConfigDict) -> Interactions:
     return read_ml100k(cfg.path, cfg.origin, cache_root(cfg.cache_dir))
   if cfg.name == 'synthetic':
     return synthetic.generate(**cfg.synthetic.to_dict())
-  fingerprint(cfg)  # Validates name and path.
   return formats.read_interactions(
-      cfg.path, cfg.format, sep=cfg.sep or None,
+      _log_path(cfg), cfg.format, sep=cfg.sep or None,
       header=cfg.header if cfg.format == 'csv' else None,
       user_field=cfg.user_field, item_field=cfg.item_field,
       time_field=cfg.time_field, rating_field=cfg.rating_field or None)
