@@ -68,19 +68,21 @@ def zipf_batch(rng: np.random.Generator, batch_size: int, max_len: int,
 
 
 def model_spec(variant: str, num_items: int, dim: int, max_len: int,
-               cutoffs: tuple[int, ...]) -> ModelSpec:
-  """NextItNet, dilations (1, 4): 'full' (embedding, softmax) or 'adaptive' (CpRec)."""
+               cutoffs: tuple[int, ...], tail_capacity: tuple[float, ...] = ()) -> ModelSpec:
+  """NextItNet, dilations (1, 4): 'full' (embedding, softmax) or 'adaptive' (CpRec,
+  with the adaptive head's loss capacity per tail)."""
   adaptive = variant == 'adaptive'
   return ModelSpec(num_items=num_items, backbone='nextitnet', embed_dim=dim, hidden_dim=dim,
                    max_len=max_len, dilations=(1, 4), dropout=0.0,
                    embedding='block' if adaptive else 'full',
-                   head='adaptive' if adaptive else 'full', cutoffs=cutoffs if adaptive else ())
+                   head='adaptive' if adaptive else 'full', cutoffs=cutoffs if adaptive else (),
+                   tail_capacity=tail_capacity if adaptive else ())
 
 
 def run_train(variant: str, num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...],
-              batch_size: int, steps: int) -> dict[str, Any]:
+              tail_capacity: tuple[float, ...], batch_size: int, steps: int) -> dict[str, Any]:
   """Compile time, median step time and peak RSS of one variant's train step."""
-  spec = model_spec(variant, num_items, dim, max_len, cutoffs)
+  spec = model_spec(variant, num_items, dim, max_len, cutoffs, tail_capacity)
   batch = zipf_batch(np.random.default_rng(0), batch_size, max_len, num_items)
   return {'variant': variant, **profiling.measure(spec, batch, batch, steps)}
 
@@ -145,19 +147,23 @@ def main(argv: list[str]) -> None:
   num_items = FLAGS.num_items
   cutoffs = blocks.check_cutoffs([int(c) for c in FLAGS.cutoffs] or zipf_cutoffs(
       num_items, [float(m) for m in FLAGS.cutoff_mass]), num_items)
+  masses = np.add.reduceat(zipf_weights(num_items), np.array((1,) + cutoffs[:-1]) - 1)
+  masses = masses / masses.sum()
+  tail_capacity = tuple(min(1.0, FLAGS.capacity_factor * m) for m in masses[1:]
+                        if FLAGS.capacity_factor)
   sizes = dict(num_items=num_items, dim=FLAGS.dim, max_len=FLAGS.max_len, cutoffs=cutoffs)
   if FLAGS.one:
     print(json.dumps(run_rank(**sizes, k=FLAGS.k, eval_batch=FLAGS.eval_batch,
                               capacity=FLAGS.capacity, cluster_shift=FLAGS.cluster_shift)
                      if FLAGS.one == 'rank' else
-                     run_train(FLAGS.one, **sizes, batch_size=FLAGS.batch_size, steps=FLAGS.steps)))
+                     run_train(FLAGS.one, **sizes, tail_capacity=tail_capacity,
+                               batch_size=FLAGS.batch_size, steps=FLAGS.steps)))
     return
   full, adaptive, rank = map(_in_subprocess, ('full', 'adaptive', 'rank'))
-  masses = np.add.reduceat(zipf_weights(num_items), np.array((1,) + cutoffs[:-1]) - 1)
-  masses = masses / masses.sum()
   print(f'V = {num_items:,}, d = {FLAGS.dim}, cutoffs {cutoffs}, Zipf mass per block '
         f'{np.round(masses, 3).tolist()}; train batch {FLAGS.batch_size} x '
-        f'{FLAGS.max_len}, top-{FLAGS.k} of {FLAGS.eval_batch} sequences\n')
+        f'{FLAGS.max_len}, top-{FLAGS.k} of {FLAGS.eval_batch} sequences; adaptive loss '
+        f'capacity per tail {np.round(tail_capacity, 3).tolist() or "off"}\n')
   print('| measurement | median ms | compile s | peak RSS MiB |\n|---|---|---|---|')
   for name, r in [('train (a): full embedding + full softmax', full),
                   ('train (b): block embedding + adaptive softmax', adaptive)]:
@@ -174,7 +180,7 @@ def main(argv: list[str]) -> None:
         f'{rank["mean_cluster_p"]}, topk capacity {rank["capacity"]} rows')
   if FLAGS.out:
     with open(FLAGS.out, 'w') as out:
-      json.dump({**sizes, 'batch_size': FLAGS.batch_size, 'block_mass': masses.tolist(),
+      json.dump({**sizes, 'tail_capacity': tail_capacity, 'batch_size': FLAGS.batch_size, 'block_mass': masses.tolist(),
                  'train': [full, adaptive], 'train_speedup': train_speedup, 'rank': rank},
                 out, indent=2)
   if rank['mismatched_rows']:
@@ -192,6 +198,8 @@ if __name__ == '__main__':  # Flags here, not at import: tests import this modul
   flags.DEFINE_integer('eval_batch', 256, 'Sequences ranked at once.')
   flags.DEFINE_integer('capacity', 0, 'topk rows per tail; 0: its default.')
   flags.DEFINE_float('cluster_shift', 0.0, 'Logit added to cluster tokens.')
+  flags.DEFINE_float('capacity_factor', 1.5, 'Adaptive loss capacity per tail, as a '
+                     'multiple of its Zipf mass (model.capacity_factor); 0 = off.')
   flags.DEFINE_integer('steps', 5, 'Timed training steps.')
   flags.DEFINE_string('out', '', 'Write the results as JSON here.')
   flags.DEFINE_enum('one', '', ['', 'full', 'adaptive', 'rank'],

@@ -19,7 +19,7 @@ def uncompressed(spec: ModelSpec) -> ModelSpec:
   """The same widths and backbone without blocks or sharing."""
   return dataclasses.replace(
       spec, embedding='full', head='full' if spec.head == 'adaptive' else spec.head,
-      sharing='none', cutoffs=(), block_widths=())
+      sharing='none', cutoffs=(), block_widths=(), tail_capacity=())
 
 
 def sizes(spec: ModelSpec) -> dict[str, Any]:

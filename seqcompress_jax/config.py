@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.block_factor = 4  # Block j is d / factor^(j-1) wide ...
   c.model.block_widths = ()  # ... unless widths are given.
   c.model.head = 'full'  # 'full' | 'sampled' | 'adaptive'
+  # Adaptive head: compute tail j's loss only for the positions whose target is
+  # in it, in a buffer this many times the tail's share of the training
+  # interactions (exact either way; 0 = every tail at every position).
+  c.model.capacity_factor = 1.5
   c.model.tied = False
   c.model.num_samples = 1024  # Sampled softmax: negatives per batch.
   c.model.sampler = 'log_uniform'  # 'log_uniform' | 'uniform' | 'popularity'

@@ -28,7 +28,8 @@ def test_model_spec():
 
 
 def test_run_train():  # The full variant: the adaptive one only differs in its spec.
-  result = bench_cprec.run_train('full', **SIZES, cutoffs=(), batch_size=2, steps=1)
+  result = bench_cprec.run_train('full', **SIZES, cutoffs=(), tail_capacity=(), batch_size=2,
+                                  steps=1)
   assert result['variant'] == 'full'
   for key in ('compile_s', 'step_ms', 'peak_rss_mib', 'params'):
     assert result[key] > 0

@@ -13,7 +13,8 @@ import pytest
 from seqcompress_jax.models.blocks import (AdaptiveSoftmax, BlockEmbedding,
                                            adaptive_softmax_params,
                                            block_embedding_params, block_widths,
-                                           check_cutoffs, cutoffs_from_mass)
+                                           check_cutoffs, cutoffs_from_mass,
+                                           tail_shares)
 from seqcompress_jax.models.heads import PAD_LOGIT
 
 V, H = 23, 8
@@ -194,6 +195,39 @@ def test_nll_gradient_reaches_every_parameter():
   loss = lambda v: model.apply(v, hidden, targets, method='nll').sum()
   for name, grad in jit(jax.grad(loss))(variables)['params'].items():
     assert np.isfinite(grad).all() and np.abs(grad).sum() > 0, name
+
+
+@pytest.mark.parametrize('capacity', [
+    (0.5, 0.5),  # Room for every tail target: the gathered branch.
+    (0.0, 0.1),  # 8 and 13 rows for 14 and 22 tail targets: the fallbacks.
+])
+def test_capacity_bounded_nll_is_exact(capacity):
+  model, variables = softmax_and_params()
+  bounded = AdaptiveSoftmax(V, H, CUTOFFS, WIDTHS, capacity=capacity)
+  targets = jnp.concatenate([jnp.arange(V), jnp.arange(V)[::-1]]).reshape(2, V)
+  hidden = hidden_states(4, rows=2 * V).reshape(2, V, H)
+
+  def loss_and_grad(model):
+    loss = lambda v, h: model.apply(v, h, targets, method='nll')
+    return loss(variables, hidden), jax.grad(lambda v, h: loss(v, h).sum(), (0, 1))(
+        variables, hidden)
+
+  (expected, expected_grads), (got, got_grads) = jit(
+      lambda: (loss_and_grad(model), loss_and_grad(bounded)))()
+  expected_nll = -reference_log_probs(variables, hidden.reshape(-1, H))[
+      np.arange(2 * V), targets.reshape(-1)]
+  expected_nll[targets.reshape(-1) == 0] = 0.0
+  np.testing.assert_allclose(got.reshape(-1), expected_nll, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               got_grads, expected_grads)
+
+
+def test_tail_shares():
+  counts = np.array([0, 9, 5, 3, 2, 1, 0])  # PAD, then ids 1..6; 20 interactions.
+  np.testing.assert_allclose(tail_shares(counts, (3, 5)), (5 / 20, 1 / 20))
+  np.testing.assert_allclose(tail_shares(counts, (2,)), (11 / 20,))
+  assert tail_shares(counts, ()) == ()
 
 
 def test_score_is_log_probs_gathered():

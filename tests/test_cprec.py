@@ -26,6 +26,16 @@ def test_cutoffs_come_from_the_training_mass():
   spec = ModelSpec.from_config(cprec_model_config(cutoff_mass=(0.5, 0.8)), 11, count)
   assert spec.cutoffs == (3, 6, 11)
   assert spec.block_widths == (16, 4, 1)
+  # Tails hold 6 and 4 of the 20 interactions; capacity_factor 1.5 by default.
+  np.testing.assert_allclose(spec.tail_capacity, (1.5 * 6 / 20, 1.5 * 4 / 20))
+  off = ModelSpec.from_config(cprec_model_config(cutoff_mass=(0.5, 0.8), capacity_factor=0),
+                              11, count)
+  assert off.tail_capacity == ()
+  with pytest.raises(config_lib.ConfigError, match='model.capacity_factor'):
+    ModelSpec.from_config(cprec_model_config(capacity_factor=-1.0), 11, count)
+  with pytest.raises(config_lib.ConfigError, match='model.tail_capacity'):
+    ModelSpec(num_items=11, backbone='nextitnet', head='adaptive', cutoffs=(4, 8),
+              tail_capacity=(0.5,))
   explicit = ModelSpec.from_config(cprec_model_config(cutoffs=(4, 8)), 11)
   assert explicit.cutoffs == (4, 8, 11)
   with pytest.raises(config_lib.ConfigError, match='model.cutoffs'):

@@ -15,6 +15,7 @@ serve the input and the output side; the two are never tied.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Sequence
 
@@ -131,6 +132,16 @@ def cutoffs_from_mass(item_count: np.ndarray, mass: Sequence[float]) -> tuple[in
   return check_cutoffs(cutoffs, num_items)
 
 
+def tail_shares(item_count: np.ndarray, cutoffs: Sequence[int]) -> tuple[float, ...]:
+  """The share of the interactions `item_count` [V] (PAD's entry ignored) that
+  falls in each tail block of `cutoffs`."""
+  counts = np.asarray(item_count, np.float64)[1:]
+  cutoffs = check_cutoffs(cutoffs, counts.size + 1)
+  total = max(counts.sum(), 1.0)
+  return tuple(float(counts[lower - 1:upper - 1].sum() / total)
+               for lower, upper in _bounds(cutoffs)[1:])
+
+
 def block_embedding_params(num_items: int, dim: int, cutoffs: Sequence[int],
                            widths: Sequence[int]) -> int:
   """Parameters of BlockEmbedding: c1 * dim + sum over tails of size_j * d_j + d_j * dim."""
@@ -241,6 +252,9 @@ class AdaptiveSoftmax(nn.Module):
   widths: tuple[int, ...]  # One per block.
   dtype: DTypeLike = jnp.float32
   norm_chunk: int = 1 << 16  # Tail items per step of prepare's normalisers.
+  # Per tail, the share of positions whose tail loss nll computes (see nll);
+  # () = every position.
+  capacity: tuple[float, ...] = ()
 
   def setup(self):
     cutoffs = check_cutoffs(self.cutoffs, self.num_items)
@@ -272,9 +286,13 @@ class AdaptiveSoftmax(nn.Module):
     """Exact NLL [...] of targets [...]; 0 where targets == 0.
 
     Head CE of the target (or of its cluster token) plus, for a tail target,
-    the CE within its tail. Every tail's log-softmax is computed at every
-    position and selected by mask (static shapes): H * d_j + d_j * size_j MACs
-    per position and tail j, against H * size_j for a full softmax.
+    the CE within its tail: H * d_j + d_j * size_j MACs per position of tail
+    j, against H * size_j for a full softmax. Without `capacity`, every tail's
+    log-softmax is computed at every position and selected by mask. With it,
+    tail j's is computed only for the positions whose target is in tail j,
+    gathered into a buffer of ceil(capacity[j] * positions) + 8 rows (static
+    shapes); a batch with more such positions falls back, through lax.cond, to
+    every position. Either way the loss and its gradient are exact.
     """
     _check_untied(table)
     del log_q  # Unused: no proposal.
@@ -284,12 +302,39 @@ class AdaptiveSoftmax(nn.Module):
     head_index = jnp.where(block == 0, targets, self._num_head_ids + block - 1)
     head = self._head_log_probs(hidden)
     nll = -jnp.take_along_axis(head, head_index[..., None], axis=-1)[..., 0]
-    for tail, (lower, upper) in enumerate(self.bounds[1:], start=1):
-      local = _local(targets, lower, upper)[..., None]
-      log_probs = self._tail_log_probs(hidden, tail)
-      tail_nll = -jnp.take_along_axis(log_probs, local, axis=-1)[..., 0]
-      nll += jnp.where(block == tail, tail_nll, 0.0)
+    for tail in range(1, len(self.bounds)):
+      nll += self._tail_nll(hidden, targets, block == tail, tail)
     return jnp.where(valid, nll, 0.0)
+
+  def _tail_nll(self, hidden: jax.Array, targets: jax.Array, in_tail: jax.Array,
+                tail: int) -> jax.Array:
+    """-log p(target | its cluster) [...] where `in_tail`, else 0."""
+    lower, upper = self.bounds[tail]
+
+    def ce(rows_hidden: jax.Array, rows_targets: jax.Array) -> jax.Array:
+      logits = self._tail_logits(rows_hidden, tail)
+      local = _local(rows_targets, lower, upper)[..., None]
+      target_logit = jnp.take_along_axis(logits, local, axis=-1)[..., 0]
+      return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+    def everywhere() -> jax.Array:
+      return jnp.where(in_tail, ce(hidden, targets), 0.0)
+
+    positions = in_tail.size
+    rows = (positions if not self.capacity
+            else min(positions, math.ceil(self.capacity[tail - 1] * positions) + 8))
+    if rows >= positions:
+      return everywhere()
+
+    def gathered() -> jax.Array:
+      index = jnp.nonzero(in_tail.reshape(-1), size=rows, fill_value=positions)[0]
+      inside = jnp.minimum(index, positions - 1)  # Padding rows: computed, dropped.
+      flat_hidden = hidden.reshape(positions, hidden.shape[-1])
+      values = ce(flat_hidden[inside], targets.reshape(-1)[inside])
+      return (jnp.zeros(positions, values.dtype).at[index].set(values, mode='drop')
+              .reshape(in_tail.shape))
+
+    return jax.lax.cond(in_tail.sum() <= rows, gathered, everywhere)
 
   def prepare(self, hidden: jax.Array) -> dict[str, jax.Array]:
     """hidden [B, H] -> what `score` needs, computed once for many item chunks.
@@ -420,10 +465,11 @@ class AdaptiveSoftmax(nn.Module):
     low = self._einsum('bh,hd->bd', hidden, self.projs[tail - 1])
     out = self.outs[tail - 1]
     width, size = out.shape
-    num_chunks = -(-size // self.norm_chunk)
-    padded = jnp.pad(out, ((0, 0), (0, num_chunks * self.norm_chunk - size)))
-    chunks = padded.reshape(width, num_chunks, self.norm_chunk).transpose(1, 0, 2)
-    valid = (jnp.arange(num_chunks * self.norm_chunk) < size).reshape(num_chunks, -1)
+    chunk = min(self.norm_chunk, size)  # A small tail is one chunk, not padded.
+    num_chunks = -(-size // chunk)
+    padded = jnp.pad(out, ((0, 0), (0, num_chunks * chunk - size)))
+    chunks = padded.reshape(width, num_chunks, chunk).transpose(1, 0, 2)
+    valid = (jnp.arange(num_chunks * chunk) < size).reshape(num_chunks, -1)
 
     def add_chunk(norm, chunk_and_valid):
       chunk, chunk_valid = chunk_and_valid

@@ -41,7 +41,7 @@ class Recommender(nn.Module):
                      dtype=s.compute_dtype)
     if s.head == 'adaptive':
       self.head = AdaptiveSoftmax(s.num_items, s.hidden_dim, s.cutoffs, s.block_widths,
-                                  dtype=s.compute_dtype)
+                                  dtype=s.compute_dtype, capacity=s.tail_capacity)
     elif s.head == 'sampled':
       self.head = SampledSoftmax(num_samples=s.num_samples, sampler=s.sampler,
                                  **head_args)

@@ -56,6 +56,9 @@ class ModelSpec:
   block_widths: tuple[int, ...] = ()  # Resolved from block_factor when empty.
   # Output.
   head: str = 'full'  # One of HEADS; 'adaptive' is CpRec's block-wise softmax.
+  # Adaptive head: per tail, the share of a batch's positions whose tail loss is
+  # computed (blocks.AdaptiveSoftmax.capacity); () = every position.
+  tail_capacity: tuple[float, ...] = ()
   tied: bool = False  # Output weight = the input embedding table.
   num_samples: int = 1024  # Sampled head: negatives per step.
   sampler: str = 'log_uniform'  # One of SAMPLERS.
@@ -108,6 +111,13 @@ class ModelSpec:
         raise ConfigError(f'model.cutoffs / model.block_widths: {e}') from e
       object.__setattr__(self, 'cutoffs', cutoffs)
       object.__setattr__(self, 'block_widths', widths)
+    capacity = tuple(self.tail_capacity)
+    object.__setattr__(self, 'tail_capacity', capacity)
+    if capacity and (self.head != 'adaptive' or len(capacity) != len(self.cutoffs) - 1
+                     or not all(isinstance(c, (int, float)) and 0 <= c <= 1
+                                for c in capacity)):
+      raise ConfigError(f'model.tail_capacity: expected () or, with the adaptive head, one '
+                        f'share in [0, 1] per tail block, got {self.tail_capacity!r}')
 
   @property
   def uses_blocks(self) -> bool:
@@ -120,6 +130,8 @@ class ModelSpec:
 
     With CpRec blocks and no explicit `model.cutoffs`, the cutoffs are cut
     from the training counts `item_count` at the shares `model.cutoff_mass`.
+    With the adaptive head, `model.capacity_factor` > 0 and `item_count`, tail
+    j's loss capacity is capacity_factor times its share of the interactions.
     """
     if 'backbone' not in cfg:
       raise ConfigError(f'model.backbone: expected one of {BACKBONES}, got nothing')
@@ -134,7 +146,16 @@ class ModelSpec:
         values['cutoffs'] = blocks.cutoffs_from_mass(item_count, cfg.cutoff_mass)
       except ValueError as e:
         raise ConfigError(f'model.cutoff_mass: {e}') from e
-    return cls(num_items=num_items, **values)
+    spec = cls(num_items=num_items, **values)
+    factor = cfg.get('capacity_factor', 0)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
+      raise ConfigError(f'model.capacity_factor: expected a number >= 0 (0 = off), '
+                        f'got {factor!r}')
+    if spec.head == 'adaptive' and factor and item_count is not None:
+      shares = blocks.tail_shares(item_count, spec.cutoffs)
+      spec = dataclasses.replace(
+          spec, tail_capacity=tuple(min(1.0, factor * share) for share in shares))
+    return spec
 
   @property
   def compute_dtype(self) -> jnp.dtype:
