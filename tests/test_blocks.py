@@ -276,6 +276,10 @@ def test_topk_is_exact(k, capacity):
   for seed in range(3):
     model, variables = softmax_and_params(seed=seed)
     assert_exact_topk(model, variables, hidden_states(seed, rows=12), k, capacity)
+  # Tails of 7 and 11 items in chunks of 3 (the last one padded) and 1.
+  for chunk in (3, 1):
+    chunked = AdaptiveSoftmax(V, H, CUTOFFS, WIDTHS, norm_chunk=chunk)
+    assert_exact_topk(chunked, variables, hidden_states(5, rows=12), k, capacity)
 
 
 def test_topk_capacity_overflow_and_no_tail_needed():

@@ -251,7 +251,7 @@ class AdaptiveSoftmax(nn.Module):
   cutoffs: tuple[int, ...]  # As check_cutoffs accepts.
   widths: tuple[int, ...]  # One per block.
   dtype: DTypeLike = jnp.float32
-  norm_chunk: int = 1 << 16  # Tail items per step of prepare's normalisers.
+  norm_chunk: int = 1 << 16  # Tail items per step of prepare's and topk's tail passes.
   # Per tail, the share of positions whose tail loss nll computes (see nll);
   # () = every position.
   capacity: tuple[float, ...] = ()
@@ -382,7 +382,9 @@ class AdaptiveSoftmax(nn.Module):
     whose cluster token is in the head's top k) made exact: that rule alone
     misses an item when cluster tokens crowd head items out of the top k.
 
-    Per tail, the rows that need it are gathered into a buffer of `capacity`
+    A needed tail's top k and normaliser come from one pass over its items,
+    `norm_chunk` at a time, so no [B, size] array is built. Per tail, the
+    rows that need it are gathered into a buffer of `capacity`
     rows (default max(8, B // 4)), the only rows whose tail log-softmax is
     computed; when more rows need it, lax.cond runs that tail for the whole
     batch instead. capacity >= B always computes every tail for every row.
@@ -428,9 +430,8 @@ class AdaptiveSoftmax(nn.Module):
     tail_k = min(k, upper - lower)
 
     def top(rows_hidden, rows_cluster):
-      log_probs = rows_cluster[:, None] + self._tail_log_probs(rows_hidden, tail)
-      scores, local = jax.lax.top_k(log_probs, tail_k)
-      return scores, local + lower
+      scores, local = self._tail_top(rows_hidden, tail, tail_k)
+      return rows_cluster[:, None] + scores, local + lower
 
     if capacity >= batch:
       return top(hidden, cluster)
@@ -460,8 +461,10 @@ class AdaptiveSoftmax(nn.Module):
     low = self._einsum('...h,hd->...d', hidden, self.projs[tail - 1])
     return self._einsum('...d,dv->...v', low, self.outs[tail - 1])
 
-  def _tail_log_norm(self, hidden: jax.Array, tail: int) -> jax.Array:
-    """hidden [B, H] -> logsumexp [B] of the tail's logits, chunk by chunk."""
+  def _scan_tail(self, hidden: jax.Array, tail: int, fn, init):
+    """Folds fn(carry, logits [B, chunk], ids [chunk]) over the tail's items,
+    `norm_chunk` at a time (the last chunk padded: logits -inf, ids past the
+    tail): memory O(B * norm_chunk) whatever the tail's size."""
     low = self._einsum('bh,hd->bd', hidden, self.projs[tail - 1])
     out = self.outs[tail - 1]
     width, size = out.shape
@@ -469,15 +472,39 @@ class AdaptiveSoftmax(nn.Module):
     num_chunks = -(-size // chunk)
     padded = jnp.pad(out, ((0, 0), (0, num_chunks * chunk - size)))
     chunks = padded.reshape(width, num_chunks, chunk).transpose(1, 0, 2)
-    valid = (jnp.arange(num_chunks * chunk) < size).reshape(num_chunks, -1)
+    ids = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
 
-    def add_chunk(norm, chunk_and_valid):
-      chunk, chunk_valid = chunk_and_valid
-      logits = jnp.where(chunk_valid, self._einsum('bd,dc->bc', low, chunk), -jnp.inf)
-      return jnp.logaddexp(norm, jax.nn.logsumexp(logits, axis=-1)), None
+    def step(carry, chunk_and_ids):
+      weights, chunk_ids = chunk_and_ids
+      logits = jnp.where(chunk_ids < size, self._einsum('bd,dc->bc', low, weights), -jnp.inf)
+      return fn(carry, logits, chunk_ids), None
 
-    start = jnp.full(hidden.shape[:1], -jnp.inf)
-    return jax.lax.scan(add_chunk, start, (chunks, valid))[0]
+    return jax.lax.scan(step, init, (chunks, ids))[0]
+
+  def _tail_log_norm(self, hidden: jax.Array, tail: int) -> jax.Array:
+    """hidden [B, H] -> logsumexp [B] of the tail's logits, chunk by chunk."""
+    return self._scan_tail(
+        hidden, tail, lambda norm, logits, _: jnp.logaddexp(
+            norm, jax.nn.logsumexp(logits, axis=-1)),
+        jnp.full(hidden.shape[:1], -jnp.inf))
+
+  def _tail_top(self, hidden: jax.Array, tail: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """The top k [B, k] of log p(item | cluster) within the tail and their
+    local ids, in one pass over its items, chunk by chunk."""
+
+    def merge(carry, logits, ids):
+      norm, best, best_ids = carry
+      candidates = jnp.concatenate([best, logits], axis=1)
+      best, index = jax.lax.top_k(candidates, k)
+      all_ids = jnp.concatenate([best_ids, jnp.broadcast_to(ids, logits.shape)], axis=1)
+      return (jnp.logaddexp(norm, jax.nn.logsumexp(logits, axis=-1)), best,
+              jnp.take_along_axis(all_ids, index, axis=1))
+
+    batch = hidden.shape[0]
+    norm, best, ids = self._scan_tail(
+        hidden, tail, merge, (jnp.full((batch,), -jnp.inf), jnp.full((batch, k), -jnp.inf),
+                              jnp.zeros((batch, k), jnp.int32)))
+    return best - norm[:, None], ids
 
   def _tail_log_probs(self, hidden: jax.Array, tail: int) -> jax.Array:
     """log p(item | cluster) [..., size] within tail `tail`, as score computes it."""
