@@ -186,7 +186,9 @@ class BlockEmbedding(nn.Module):
   [c_j - c_{j-1}, d_j] and `tail_{j}_proj` [d_j, dim] (no bias);
   emb(v) = tail_{j}_table[v - c_{j-1}] @ tail_{j}_proj. Every block is looked
   up for every id with a clipped gather and selected by mask (static shapes),
-  so each tail costs d_j * dim MACs per id.
+  so each tail costs d_j * dim MACs per id. A `width` < dim (a CANet route)
+  keeps the first `width` output dims: head[:, :width], tail projections
+  [:, :width].
   """
   num_items: int
   dim: int
@@ -205,14 +207,18 @@ class BlockEmbedding(nn.Module):
     self.projs = [self.param(f'tail_{j}_proj', PROJ_INIT, (width, self.dim), jnp.float32)
                   for j, (_, width) in tails]
 
-  def __call__(self, ids: jax.Array) -> jax.Array:
+  def __call__(self, ids: jax.Array, width: int | None = None) -> jax.Array:
+    """ids [...] -> [..., width] (default width: dim)."""
     ids = jnp.asarray(ids)
+    width = self.dim if width is None else width
     block = _block_index(ids, self.bounds)[..., None]
-    out = jnp.take(self.head, _local(ids, *self.bounds[0]), axis=0).astype(self.dtype)
+    out = jnp.take(self.head[:, :width], _local(ids, *self.bounds[0]),
+                   axis=0).astype(self.dtype)
     for tail, ((lower, upper), table, proj) in enumerate(
         zip(self.bounds[1:], self.tables, self.projs), start=1):
       rows = jnp.take(table, _local(ids, lower, upper), axis=0)
-      emb = jnp.einsum('...d,de->...e', rows.astype(self.dtype), proj.astype(self.dtype),
+      emb = jnp.einsum('...d,de->...e', rows.astype(self.dtype),
+                       proj[:, :width].astype(self.dtype),
                        preferred_element_type=jnp.float32)
       out = jnp.where(block == tail, emb.astype(self.dtype), out)
     return out
@@ -244,14 +250,17 @@ class AdaptiveSoftmax(nn.Module):
   The methods mirror heads.FullSoftmax; their `table` argument exists for that
   API only and must be None (the adaptive softmax is never tied). widths[0]
   is not used: the head's width is `features`. In the code, tail t = j - 1
-  (1..n-1) is block j.
+  (1..n-1) is block j. Hidden states narrower than `features` (a CANet
+  route) use the first hidden.shape[-1] rows of the head and tail projections.
   """
   num_items: int
   features: int
   cutoffs: tuple[int, ...]  # As check_cutoffs accepts.
   widths: tuple[int, ...]  # One per block.
   dtype: DTypeLike = jnp.float32
-  norm_chunk: int = 1 << 16  # Tail items per step of prepare's and topk's tail passes.
+  # Tail items per step of prepare's and topk's tail passes (8,192 was the
+  # fastest of 2k-64k at V = 1M on CPU: the chunk's logits stay in cache).
+  norm_chunk: int = 1 << 13
   # Per tail, the share of positions whose tail loss nll computes (see nll);
   # () = every position.
   capacity: tuple[float, ...] = ()
@@ -462,9 +471,10 @@ class AdaptiveSoftmax(nn.Module):
     return self._einsum('...d,dv->...v', low, self.outs[tail - 1])
 
   def _scan_tail(self, hidden: jax.Array, tail: int, fn, init):
-    """Folds fn(carry, logits [B, chunk], ids [chunk]) over the tail's items,
-    `norm_chunk` at a time (the last chunk padded: logits -inf, ids past the
-    tail): memory O(B * norm_chunk) whatever the tail's size."""
+    """Folds fn(carry, logits [B, chunk], start) over the tail's items,
+    `norm_chunk` at a time, `start` being the chunk's first local id (the last
+    chunk padded with logits -inf): memory O(B * norm_chunk) whatever the
+    tail's size, and a chunk's logits stay in cache."""
     low = self._einsum('bh,hd->bd', hidden, self.projs[tail - 1])
     out = self.outs[tail - 1]
     width, size = out.shape
@@ -472,14 +482,16 @@ class AdaptiveSoftmax(nn.Module):
     num_chunks = -(-size // chunk)
     padded = jnp.pad(out, ((0, 0), (0, num_chunks * chunk - size)))
     chunks = padded.reshape(width, num_chunks, chunk).transpose(1, 0, 2)
-    ids = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
 
-    def step(carry, chunk_and_ids):
-      weights, chunk_ids = chunk_and_ids
-      logits = jnp.where(chunk_ids < size, self._einsum('bd,dc->bc', low, weights), -jnp.inf)
-      return fn(carry, logits, chunk_ids), None
+    def step(carry, index_and_weights):
+      index, weights = index_and_weights
+      start = index * chunk
+      inside = start + jnp.arange(chunk, dtype=jnp.int32) < size
+      logits = jnp.where(inside, self._einsum('bd,dc->bc', low, weights), -jnp.inf)
+      return fn(carry, logits, start), None
 
-    return jax.lax.scan(step, init, (chunks, ids))[0]
+    indices = jnp.arange(num_chunks, dtype=jnp.int32)
+    return jax.lax.scan(step, init, (indices, chunks))[0]
 
   def _tail_log_norm(self, hidden: jax.Array, tail: int) -> jax.Array:
     """hidden [B, H] -> logsumexp [B] of the tail's logits, chunk by chunk."""
@@ -492,13 +504,12 @@ class AdaptiveSoftmax(nn.Module):
     """The top k [B, k] of log p(item | cluster) within the tail and their
     local ids, in one pass over its items, chunk by chunk."""
 
-    def merge(carry, logits, ids):
+    def merge(carry, logits, start):
       norm, best, best_ids = carry
-      candidates = jnp.concatenate([best, logits], axis=1)
-      best, index = jax.lax.top_k(candidates, k)
-      all_ids = jnp.concatenate([best_ids, jnp.broadcast_to(ids, logits.shape)], axis=1)
-      return (jnp.logaddexp(norm, jax.nn.logsumexp(logits, axis=-1)), best,
-              jnp.take_along_axis(all_ids, index, axis=1))
+      best, index = jax.lax.top_k(jnp.concatenate([best, logits], axis=1), k)
+      kept = jnp.take_along_axis(best_ids, jnp.minimum(index, k - 1), axis=1)
+      best_ids = jnp.where(index < k, kept, start + index - k)
+      return jnp.logaddexp(norm, jax.nn.logsumexp(logits, axis=-1)), best, best_ids
 
     batch = hidden.shape[0]
     norm, best, ids = self._scan_tail(
@@ -512,5 +523,8 @@ class AdaptiveSoftmax(nn.Module):
     return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
   def _einsum(self, equation: str, x: jax.Array, weight: jax.Array) -> jax.Array:
-    return jnp.einsum(equation, x.astype(self.dtype), weight.astype(self.dtype),
+    """x's last axis contracted with weight's first, of which the first
+    x.shape[-1] entries are used."""
+    return jnp.einsum(equation, x.astype(self.dtype),
+                      weight[:x.shape[-1]].astype(self.dtype),
                       preferred_element_type=jnp.float32)
