@@ -50,7 +50,7 @@ def macs(spec: ModelSpec) -> dict[str, int]:
   """
   length, e, h, v = spec.max_len, spec.embed_dim, spec.hidden_dim, spec.num_items
   embedding = length * e * sum(spec.block_widths[1:]) if spec.embedding == 'block' else 0
-  middle = length * e * h if e != h else 0
+  middle = length * e * h if spec.input_proj else 0
   if spec.backbone == 'nextitnet':
     middle += 2 * len(spec.dilations) * length * spec.kernel_size * h * h
   else:

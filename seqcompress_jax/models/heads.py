@@ -106,12 +106,15 @@ class FullSoftmax(nn.Module):
                table: jax.Array | None = None) -> jax.Array:
     """hidden [..., H] -> float32 logits [..., V], PAD at PAD_LOGIT.
 
-    `table` is the [V, H] input embedding table, required iff tied.
+    `table` is the [V, H] input embedding table, required iff tied. Hidden
+    states narrower than `features` (a CANet route) use the weights' first
+    hidden.shape[-1] features, here and in every method below.
     """
+    width = hidden.shape[-1]
     if self.tied:
-      weight, equation = table, '...h,vh->...v'
+      weight, equation = table[:, :width], '...h,vh->...v'
     else:
-      weight, equation = self.kernel, '...h,hv->...v'
+      weight, equation = self.kernel[:width], '...h,hv->...v'
     logits = self._einsum(equation, hidden, weight) + self.bias
     return logits.at[..., 0].set(PAD_LOGIT)
 
@@ -140,10 +143,11 @@ class FullSoftmax(nn.Module):
   def _item_logits(self, equation: str, hidden: jax.Array, items: jax.Array,
                    table: jax.Array | None) -> jax.Array:
     """Logits of the given items; the weights enter `equation` as [*items.shape, H]."""
+    width = hidden.shape[-1]
     if self.tied:
-      weights = jnp.take(table, items, axis=0)
+      weights = jnp.take(table[:, :width], items, axis=0)
     else:
-      weights = jnp.moveaxis(jnp.take(self.kernel, items, axis=1), 0, -1)
+      weights = jnp.moveaxis(jnp.take(self.kernel[:width], items, axis=1), 0, -1)
     return self._einsum(equation, hidden, weights) + self.bias[items]
 
 

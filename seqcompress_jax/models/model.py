@@ -5,6 +5,9 @@
                        rngs={'dropout': k1})
   nll = model.apply({'params': params}, hidden, targets, method='loss',
                     rngs={'sample': k2})  # 'sample' only for the sampled head.
+  # CANet (routing.py): a sliced sub-model, or per-row route weights [B, R].
+  hidden = model.apply({'params': params}, inputs, train=False,
+                       route=routing.Route(64, 96, 2))
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqcompress_jax.models import routing
 from seqcompress_jax.models.blocks import AdaptiveSoftmax, BlockEmbedding
 from seqcompress_jax.models.heads import FullSoftmax, SampledSoftmax
 from seqcompress_jax.models.nextitnet import NextItNet
@@ -48,12 +52,23 @@ class Recommender(nn.Module):
     else:
       self.head = FullSoftmax(**head_args)
 
-  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, inputs: jax.Array, *, train: bool,
+               route: routing.Route | jax.Array | None = None) -> jax.Array:
     """inputs [B, L] int32, left-padded -> hidden [B, L, hidden_dim].
 
-    Needs the 'dropout' rng stream when train and model.dropout > 0.
+    `route` picks a CANet sub-model (routing.choices): None is the full model;
+    a static routing.Route the sliced sub-model (hidden [B, L, route.hidden_dim]);
+    route weights [B, R] (one-hot rows, e.g. routing.straight_through) every
+    row's route on the masked path (hidden zero beyond each row's H). The
+    head methods below take either hidden width. Needs the 'dropout' rng
+    stream when train and model.dropout > 0.
     """
-    return self.backbone(self.embed(inputs), inputs != 0, train=train)
+    width = route.embed_dim if isinstance(route, routing.Route) else self.spec.embed_dim
+    if self.spec.embedding == 'block':
+      x = self.embed(inputs, width)
+    else:
+      x = self.embed(inputs)[..., :width]
+    return self.backbone(x, inputs != 0, train=train, route=route)
 
   def loss(self, hidden: jax.Array, targets: jax.Array, *,
            log_q: jax.Array | None = None) -> jax.Array:

@@ -18,6 +18,7 @@ EMBEDDINGS = ('full', 'block')
 HEADS = ('full', 'sampled', 'adaptive')
 SAMPLERS = ('log_uniform', 'uniform', 'popularity')
 DTYPES = ('float32', 'bfloat16')
+ROUTE_FIELDS = ('route_embed_dims', 'route_hidden_dims', 'route_depths')
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -63,15 +64,27 @@ class ModelSpec:
   num_samples: int = 1024  # Sampled head: negatives per step.
   sampler: str = 'log_uniform'  # One of SAMPLERS.
   dtype: str = 'float32'  # Compute dtype, one of DTYPES; parameters are float32.
+  # CANet routing space (routing.py): strictly increasing sizes whose largest
+  # are embed_dim, hidden_dim and the depth (SASRec layers or NextItNet
+  # blocks); all three empty = no routing.
+  route_embed_dims: tuple[int, ...] = ()
+  route_hidden_dims: tuple[int, ...] = ()
+  route_depths: tuple[int, ...] = ()
+  # The router (router.py): width, heads and FFN width of its one block.
+  router_dim: int = 32
+  router_heads: int = 4
+  router_ffn_dim: int = 128
 
   def __post_init__(self):
-    if isinstance(self.dilations, (tuple, list)):
-      object.__setattr__(self, 'dilations', tuple(self.dilations))
+    for name in ('dilations',) + ROUTE_FIELDS:
+      if isinstance(getattr(self, name), (tuple, list)):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     if not _is_positive_int(self.num_items) or self.num_items < 2:
       raise ValueError(f'num_items: expected an integer >= 2 (items + PAD), '
                        f'got {self.num_items!r}')
     sizes = ['embed_dim', 'hidden_dim', 'max_len', 'kernel_size', 'num_layers',
-             'num_heads', 'ffn_dim', 'num_samples']
+             'num_heads', 'ffn_dim', 'num_samples', 'router_dim', 'router_heads',
+             'router_ffn_dim']
     checks = [(name, _is_positive_int(getattr(self, name)), 'a positive integer')
               for name in sizes]
     checks += [
@@ -102,6 +115,8 @@ class ModelSpec:
     if self.tied and (self.embedding != 'full' or self.head == 'adaptive'):
       raise ConfigError('model.tied: expected False with a block embedding or '
                         'an adaptive head (block tables are never tied)')
+    if any(getattr(self, name) for name in ROUTE_FIELDS):
+      self._check_routing()
     if self.uses_blocks:
       try:
         cutoffs = blocks.check_cutoffs(self.cutoffs, self.num_items)
@@ -119,9 +134,47 @@ class ModelSpec:
       raise ConfigError(f'model.tail_capacity: expected () or, with the adaptive head, one '
                         f'share in [0, 1] per tail block, got {self.tail_capacity!r}')
 
+  def _check_routing(self) -> None:
+    largest = {'route_embed_dims': ('model.embed_dim', self.embed_dim),
+               'route_hidden_dims': ('model.hidden_dim', self.hidden_dim),
+               'route_depths': ('model.num_layers' if self.backbone == 'sasrec'
+                                else 'len(model.dilations)', self.depth)}
+    for name in ROUTE_FIELDS:
+      sizes, (field, top) = getattr(self, name), largest[name]
+      if not (isinstance(sizes, tuple) and sizes and all(map(_is_positive_int, sizes))
+              and all(a < b for a, b in zip(sizes, sizes[1:])) and sizes[-1] == top):
+        raise ConfigError(f'model.{name}: expected strictly increasing positive integers '
+                          f'ending with {field} = {top} (all three route lists or none), '
+                          f'got {sizes!r}')
+    if self.backbone == 'sasrec' and any(
+        h % self.num_heads or self.ffn_dim * h % self.hidden_dim
+        for h in self.route_hidden_dims):
+      raise ConfigError(f'model.route_hidden_dims: expected multiples of model.num_heads '
+                        f'({self.num_heads}) whose share of model.hidden_dim divides '
+                        f'model.ffn_dim ({self.ffn_dim}), got {self.route_hidden_dims!r}')
+    if self.router_dim % self.router_heads:
+      raise ConfigError(f'model.router_heads: expected a divisor of model.router_dim '
+                        f'({self.router_dim}), got {self.router_heads!r}')
+
   @property
   def uses_blocks(self) -> bool:
     return self.embedding == 'block' or self.head == 'adaptive'
+
+  @property
+  def routed(self) -> bool:
+    """Whether the model has a CANet routing space."""
+    return bool(self.route_embed_dims)
+
+  @property
+  def depth(self) -> int:
+    """Blocks of the backbone: SASRec layers or NextItNet residual blocks."""
+    return self.num_layers if self.backbone == 'sasrec' else len(self.dilations)
+
+  @property
+  def input_proj(self) -> bool:
+    """Whether a projection maps the embedding to the hidden size: when they
+    differ, and always in a routed model (a route's E and H may differ)."""
+    return self.routed or self.embed_dim != self.hidden_dim
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, num_items: int,
