@@ -27,7 +27,7 @@ BLOCKS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base_config()
-  config.model.update(backbone='nextitnet', dilations=(1, 4, 1, 4), dropout=0.3,
+  config.model.update(backbone='nextitnet', dilations=(1, 4) * 4, dropout=0.3,
                       sharing='cross-block', **BLOCKS['both'])
   config.train.compression_report = True
   for name in filter(None, (arg or '').split(',')):
