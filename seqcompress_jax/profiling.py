@@ -16,6 +16,7 @@ from seqcompress_jax import config as config_lib
 from seqcompress_jax import evaluate
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.models import model as model_lib
+from seqcompress_jax.models import routing
 from seqcompress_jax.models.spec import ModelSpec
 
 _WARMUP_STEPS, _EVAL_RUNS = 3, 3  # Untimed train steps; timed full-ranking runs.
@@ -39,32 +40,9 @@ def param_bytes(params: Any) -> int:
 
 
 def macs(spec: ModelSpec) -> dict[str, int]:
-  """Multiply-accumulates for one sequence of spec.max_len positions.
-
-  'embedding' is the block embedding's tail projections (every tail for every
-  position: the static-shape implementation computes them all; 0 for a plain
-  table); 'middle' the backbone (input projection included); 'output' the
-  head for one position (the adaptive head with every tail evaluated).
-  'inference' = embedding + middle + output at the last position (next-item
-  prediction); 'train_forward' puts the output at every position.
-  """
-  length, e, h, v = spec.max_len, spec.embed_dim, spec.hidden_dim, spec.num_items
-  embedding = length * e * sum(spec.block_widths[1:]) if spec.embedding == 'block' else 0
-  middle = length * e * h if spec.input_proj else 0
-  if spec.backbone == 'nextitnet':
-    middle += 2 * len(spec.dilations) * length * spec.kernel_size * h * h
-  else:
-    per_layer = 4 * length * h * h + 2 * length * length * h + 2 * length * h * spec.ffn_dim
-    middle += spec.num_layers * per_layer
-  if spec.head == 'adaptive':
-    sizes = [b - a for a, b in zip(spec.cutoffs, spec.cutoffs[1:])]
-    output = h * (spec.cutoffs[0] + len(sizes)) + sum(
-        d * (h + size) for d, size in zip(spec.block_widths[1:], sizes))
-  else:
-    output = h * v
-  return {'embedding': embedding, 'middle': middle, 'output': output,
-          'inference': embedding + middle + output,
-          'train_forward': embedding + middle + length * output}
+  """Multiply-accumulates of the full model for one sequence of spec.max_len
+  positions: routing.route_macs of its largest route (keys explained there)."""
+  return routing.route_macs(spec, routing.Route(spec.embed_dim, spec.hidden_dim, spec.depth))
 
 
 def compiled_flops(compiled: Any) -> float:

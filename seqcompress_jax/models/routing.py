@@ -303,10 +303,15 @@ def expected_cost(logits: jax.Array, costs: np.ndarray) -> jax.Array:
 
 
 def route_macs(spec: ModelSpec, route: Route) -> dict[str, int]:
-  """MACs of the sliced sub-model `route` for one sequence of max_len
-  positions, with profiling.macs's conventions and keys: 'embedding' (block
-  embedding tails), 'middle' (backbone, input projection included), 'output'
-  (the head at one position), 'inference' and 'train_forward'.
+  """Multiply-accumulates of the sliced sub-model `route` (the full model for
+  (embed_dim, hidden_dim, depth)) for one sequence of max_len positions.
+
+  'embedding' is the block embedding's tail projections (every tail for every
+  position: the static-shape implementation computes them all; 0 for a plain
+  table); 'middle' the backbone (input projection included); 'output' the
+  head for one position (the adaptive head with every tail evaluated).
+  'inference' = embedding + middle + output at the last position (next-item
+  prediction); 'train_forward' puts the output at every position.
 
   The Transformer's middle is L E H + D (4 L H^2 + 2 L^2 H + 2 L H F) with F
   = ffn_dim * H / H_max (= the spec's 8 L H^2 for ffn_dim = 4 H_max);
