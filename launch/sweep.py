@@ -6,7 +6,8 @@
 A finished run (its workdir holds results.json) is skipped; an interrupted one
 resumes from its checkpoints, so re-running the same command completes a
 sweep. Writes ROOT/table.md, ROOT/table.csv and, where matplotlib is
-installed, ROOT/ndcg_vs_params.png.
+installed, ROOT/ndcg_vs_params.png and ROOT/ndcg_vs_macs.png (test NDCG@10
+against the average MACs per sequence: CANet's trade-off curve).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import sys
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ('run', 'params', 'compression', 'MACs/seq', 'valid NDCG@10', 'test NDCG@10',
-           'test HR@10', 'train s')
+COLUMNS = ('run', 'params', 'compression', 'MACs/seq', 'routed MACs/seq', 'routed MACs %',
+           'valid NDCG@10', 'test NDCG@10', 'test HR@10', 'train s')
 
 def load_grid(name: str) -> list[tuple[str, str, dict]]:
   """The runs of grid `name` in configs/ablations.py."""
@@ -62,7 +63,10 @@ def run_grid(grid: list[tuple[str, str, dict]], root: str, dry_run: bool = False
 
 def table_rows(grid: list[tuple[str, str, dict]], root: str) -> list[dict]:
   """One row per finished run, compression against the grid's first run when
-  the run has no compression report of its own."""
+  the run has no compression report of its own. 'MACs/seq' is the model's
+  (a routed model's: its full route); 'routed MACs/seq' the average over the
+  test set of the routes chosen (= 'MACs/seq' without routing), and 'routed
+  MACs %' that average as a share of 'MACs/seq'."""
   results = {}
   for name, _, _ in grid:
     path = os.path.join(root, name, 'results.json')
@@ -74,8 +78,11 @@ def table_rows(grid: list[tuple[str, str, dict]], root: str) -> list[dict]:
   for name, r in results.items():
     ratio = (r['compression']['ratio']['params_total'] if 'compression' in r
              else reference['params']['total'] / r['params']['total'])
+    macs = r['macs_per_sequence']['inference']
+    routed = r['test']['routing']['macs']['inference'] if 'routing' in r['test'] else macs
     rows.append({'run': name, 'params': r['params']['total'], 'compression': round(ratio, 2),
-                 'MACs/seq': r['macs_per_sequence']['inference'],
+                 'MACs/seq': macs, 'routed MACs/seq': round(routed),
+                 'routed MACs %': round(100 * routed / macs, 1),
                  'valid NDCG@10': round(r['valid']['NDCG@10'], 4),
                  'test NDCG@10': round(r['test']['NDCG@10'], 4),
                  'test HR@10': round(r['test']['HR@10'], 4), 'train s': round(r['train_s'])})
@@ -95,12 +102,15 @@ def write_table(rows: list[dict], root: str) -> str:
   for name, text in (('table.md', markdown), ('table.csv', out.getvalue())):
     with open(os.path.join(root, name), 'w') as f:
       f.write(text)
-  plot(rows, os.path.join(root, 'ndcg_vs_params.png'))
+  plot(rows, os.path.join(root, 'ndcg_vs_params.png'), 'params', 'parameters', log=True)
+  plot(rows, os.path.join(root, 'ndcg_vs_macs.png'), 'routed MACs/seq',
+       'average MACs per sequence (inference)', log=False)
   return markdown
 
 
-def plot(rows: list[dict], path: str) -> bool:
-  """NDCG@10 against parameters, one labelled point per run; False without matplotlib."""
+def plot(rows: list[dict], path: str, column: str, label: str, log: bool) -> bool:
+  """Test NDCG@10 against a column of the rows, one labelled point per run;
+  False without matplotlib."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use('Agg')
@@ -109,10 +119,11 @@ def plot(rows: list[dict], path: str) -> bool:
     return False
   fig, ax = plt.subplots(figsize=(7, 5))
   for row in rows:
-    ax.scatter(row['params'], row['test NDCG@10'])
-    ax.annotate(row['run'], (row['params'], row['test NDCG@10']), fontsize=7)
-  ax.set_xscale('log')
-  ax.set_xlabel('parameters')
+    ax.scatter(row[column], row['test NDCG@10'])
+    ax.annotate(row['run'], (row[column], row['test NDCG@10']), fontsize=7)
+  if log:
+    ax.set_xscale('log')
+  ax.set_xlabel(label)
   ax.set_ylabel('test NDCG@10')
   fig.tight_layout()
   fig.savefig(path, dpi=120)

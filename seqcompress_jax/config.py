@@ -10,6 +10,8 @@ OPTIMIZERS = ('adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'exponential')
 PROTOCOLS = ('full', 'sampled')
 NEGATIVE_SAMPLERS = ('uniform', 'popularity')
+ANNEALS = ('none', 'exponential')
+COST_MACS = ('inference', 'middle')
 
 
 class ConfigError(ValueError):
@@ -56,6 +58,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_samples = 1024  # Sampled softmax: negatives per batch.
   c.model.sampler = 'log_uniform'  # 'log_uniform' | 'uniform' | 'popularity'
   c.model.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16'.
+  # CANet routing space (configs/canet.py): strictly increasing sizes ending
+  # with embed_dim, hidden_dim and the depth (SASRec layers or NextItNet
+  # blocks); all three empty = no routing (the plain model).
+  c.model.route_embed_dims = ()
+  c.model.route_hidden_dims = ()
+  c.model.route_depths = ()
+  c.model.router_dim = 32  # The router's width, heads and FFN width.
+  c.model.router_heads = 4
+  c.model.router_ffn_dim = 128
+
+  # CANet's training objective (used when the model is routed): L_SR +
+  # guide_weight * L_guide + uniform_weight * L_uni + cost_weight *
+  # E_route[MACs(route) / MACs(full)] (specs/canet.md).
+  c.canet = ml_collections.ConfigDict()
+  c.canet.temperature = 1.0  # Gumbel-softmax temperature (shapes the gradients only).
+  c.canet.anneal = 'none'  # 'none' | 'exponential': to final_temperature at the last step.
+  c.canet.final_temperature = 0.5
+  c.canet.guide_weight = 0.01
+  c.canet.uniform_weight = 0.01
+  c.canet.cost_weight = 0.0
+  c.canet.cost_macs = 'inference'  # MACs of the cost term: 'inference' | 'middle' (backbone).
+  c.canet.guide_k = 10  # A guide hit: the smallest sub-model ranks the target in its top k.
+  c.canet.gumbel_at_test = False  # Evaluate with sampled (Gumbel) routes, not the argmax.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = 'adam'
@@ -92,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict, num_items: int | None = None) -> None:
   """Raises ConfigError naming the first invalid field (data.* are checked by
   the data package, model.* by ModelSpec)."""
-  o, t, e = config.optim, config.train, config.eval
+  o, t, e, n = config.optim, config.train, config.eval, config.canet
   checks = [
       ('optim.optimizer', o.optimizer in OPTIMIZERS, f'one of {OPTIMIZERS}'),
       ('optim.schedule', o.schedule in SCHEDULES, f'one of {SCHEDULES}'),
@@ -114,6 +139,19 @@ def validate(config: ml_collections.ConfigDict, num_items: int | None = None) ->
       ('eval.ks', isinstance(e.ks, (tuple, list)) and len(e.ks) > 0
        and all(isinstance(k, int) and k >= 1 for k in e.ks),
        'a non-empty list of integers >= 1'),
+      ('canet.temperature', _is_number(n.temperature) and n.temperature > 0, 'a number > 0'),
+      ('canet.anneal', n.anneal in ANNEALS, f'one of {ANNEALS}'),
+      ('canet.final_temperature', _is_number(n.final_temperature) and _is_number(n.temperature)
+       and 0 < n.final_temperature <= n.temperature, 'a number in (0, canet.temperature]'),
+      ('canet.guide_weight', _is_number(n.guide_weight) and n.guide_weight >= 0,
+       'a number >= 0'),
+      ('canet.uniform_weight', _is_number(n.uniform_weight) and n.uniform_weight >= 0,
+       'a number >= 0'),
+      ('canet.cost_weight', _is_number(n.cost_weight) and n.cost_weight >= 0, 'a number >= 0'),
+      ('canet.cost_macs', n.cost_macs in COST_MACS, f'one of {COST_MACS}'),
+      ('canet.guide_k', isinstance(n.guide_k, int) and not isinstance(n.guide_k, bool)
+       and n.guide_k >= 1, 'an integer >= 1'),
+      ('canet.gumbel_at_test', isinstance(n.gumbel_at_test, bool), 'True or False'),
   ]
   metric_names = {f'{m}@{k}' for m in ('HR', 'NDCG', 'MRR') for k in e.ks} | {'MRR'}
   checks.append(('train.metric', t.metric in metric_names,
@@ -122,6 +160,8 @@ def validate(config: ml_collections.ConfigDict, num_items: int | None = None) ->
     competitors = num_items - 1 if e.protocol == 'full' else e.num_negatives + 1
     checks.append(('eval.ks', max(e.ks) <= competitors,
                    f'cut-offs <= the {competitors} ranked candidates'))
+    checks.append(('canet.guide_k', n.guide_k <= num_items - 1,
+                   f'at most the {num_items - 1} items'))
     if e.protocol == 'sampled':
       checks.append(('eval.num_negatives', 1 <= e.num_negatives <= num_items - 2,
                      f'between 1 and {num_items - 2} (the items other than the target)'))
@@ -129,6 +169,10 @@ def validate(config: ml_collections.ConfigDict, num_items: int | None = None) ->
     if not ok:
       section, name = field.split('.')
       raise ConfigError(f'{field}: expected {expected}, got {config[section][name]!r}')
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_overrides(argv: list[str], flag: str, config: ml_collections.ConfigDict) -> None:

@@ -2,7 +2,9 @@
 
 The train state (step.py) and the batch iterator's position are checkpointed,
 so a resumed run continues bit-for-bit. Model selection is on validation; the best
-parameters are evaluated once on test at the end.
+parameters are evaluated once on test at the end. A routed model (CANet,
+model.route_*) trains with step.Canet's objective and is evaluated on the
+routes its router picks; results.json then reports the routes and their MACs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from seqcompress_jax import compression, evaluate, profiling, writers
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import Dataset, load_dataset, pipeline
+from seqcompress_jax.models import router as router_lib
+from seqcompress_jax.models import routing
 from seqcompress_jax.models.model import Recommender
 from seqcompress_jax.models.spec import ModelSpec
 
@@ -69,8 +73,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(path) as f:
       saved = json.load(f)
     saved, flat = _flatten(saved), _flatten(current)
+    # A field added to base_config after the run started, at its default, is no change.
+    defaults = _flatten(json.loads(config_lib.base_config().to_json_best_effort()))
     differ = [k for k in sorted(set(saved) | set(flat))
-              if saved.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES]
+              if saved.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES
+              and not (k not in saved and k in defaults and flat[k] == defaults[k])]
     if differ:
       raise config_lib.ConfigError(
           f'{workdir} holds a run of another config (differs in {", ".join(differ)}); '
@@ -97,16 +104,27 @@ def sampler_log_q(run: Run) -> jax.Array | None:
   return jnp.log1p(jnp.asarray(run.dataset.item_count, jnp.float32))
 
 
-def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
-  """(params, 'valid' | 'test') -> metrics, under the configured protocol."""
-  model, e = run.model, run.config.eval
+def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, Any]]:
+  """(params, 'valid' | 'test') -> metrics, under the configured protocol.
 
-  def encode(params, inputs):
-    return model.apply({'params': params}, inputs, method=lambda m, x: m.rank_context(
-        m(x, train=False)[:, -1, :]))
+  A routed model ranks each example with the route its router picks: the
+  argmax or, with canet.gumbel_at_test, a Gumbel-sampled route whose noise is
+  keyed by the seed, the split and the example's index (so it does not
+  depend on batching). The route runs on the masked path with one-hot
+  weights, the same function as its sliced sub-model. The metrics then add
+  'routed_cost' (the mean MACs(route) / MACs(full) of canet.cost_macs) and
+  'routing' (route_summary of the examples' routes).
+  """
+  model, e, spec = run.model, run.config.eval, run.spec
+  score = functools.partial(step_lib.item_scores, model)
+  if spec.routed:
+    num_routes = routing.RoutingSpace.of(spec).num_routes
 
-  def score(params, context, items):
-    return model.apply({'params': params}, context, items, method='score')
+    def encode(params, inputs):  # inputs: {'items' [b, L], 'routes' [b]}.
+      return step_lib.last_state(model, params, inputs['items'],
+                                 jax.nn.one_hot(inputs['routes'], num_routes))
+  else:
+    encode = functools.partial(step_lib.last_state, model)
 
   if e.protocol == 'full':
     rank_fn = evaluate.make_rank_fn(encode, score, run.dataset.num_items, e.chunk_size,
@@ -125,7 +143,72 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, float]]:
                                    jax.process_index(), jax.process_count())
     return evaluate.with_negatives(stream, negatives[split]) if negatives else stream
 
-  return lambda params, split: evaluate.evaluate(rank_fn, params, batches(split), e.ks)
+  if not spec.routed:
+    return lambda params, split: evaluate.evaluate(rank_fn, params, batches(split), e.ks)
+
+  gumbel = run.config.canet.gumbel_at_test
+  route_fn = jax.jit(functools.partial(_eval_routes, spec, gumbel))
+  costs = routing.relative_costs(spec, run.config.canet.cost_macs)
+
+  def routed_evaluator(params: Any, split: str) -> dict[str, Any]:
+    split_key = jax.random.fold_in(jax.random.key(run.config.seed),
+                                   ('valid', 'test').index(split))
+    chosen = []
+
+    def with_routes() -> Iterator[dict[str, Any]]:
+      for batch in batches(split):
+        routes = route_fn(params, batch['inputs'], batch['index'], split_key)
+        chosen.append((routes, batch['weights']))
+        yield {**batch, 'inputs': {'items': batch['inputs'], 'routes': routes}}
+
+    metrics = evaluate.evaluate(rank_fn, params, with_routes(), e.ks)
+    routes = np.concatenate([np.asarray(r)[np.asarray(w) > 0] for r, w in chosen])
+    return {**metrics, 'routed_cost': float(costs[routes].mean()),
+            'routing': route_summary(spec, routes)}
+
+  return routed_evaluator
+
+
+def _eval_routes(spec: ModelSpec, gumbel: bool, params: Any, inputs: jax.Array,
+                 index: jax.Array, split_key: jax.Array) -> jax.Array:
+  """int32 [b]: the argmax routes, or Gumbel-sampled ones keyed per example index."""
+  keys = None
+  if gumbel:
+    keys = jax.vmap(functools.partial(jax.random.fold_in, split_key))(jnp.maximum(index, 0))
+  return step_lib.choose_routes(spec, params, inputs, keys)
+
+
+def _macs_per_route(spec: ModelSpec) -> np.ndarray:
+  """float64 [R, 2]: each route's MACs per sequence at inference, with and
+  without the output layer (routing.route_macs); the last row is the full model."""
+  return np.array([[m['inference'], m['inference'] - m['output']]
+                   for m in (routing.route_macs(spec, route)
+                             for route in routing.RoutingSpace.of(spec).routes)], float)
+
+
+def route_summary(spec: ModelSpec, routes: np.ndarray) -> dict[str, Any]:
+  """Routes chosen (indices [N] into the routing space): the count of every
+  route with its (E, H, D), and their average MACs per sequence at inference,
+  with and without the output layer, absolute and relative to the full model."""
+  space = routing.RoutingSpace.of(spec)
+  counts = np.bincount(routes, minlength=space.num_routes)
+  macs = _macs_per_route(spec)
+  mean = counts @ macs / max(1, counts.sum())
+  return {
+      'histogram': [{'route': i, **route._asdict(), 'count': int(count)}
+                    for i, (route, count) in enumerate(zip(space.routes, counts))],
+      'macs': {'inference': float(mean[0]), 'without_output': float(mean[1]),
+               'inference_relative': float(mean[0] / macs[-1, 0]),
+               'without_output_relative': float(mean[1] / macs[-1, 1])}}
+
+
+def routing_costs(spec: ModelSpec) -> dict[str, Any]:
+  """The full model's MACs per sequence at inference (with and without the
+  output layer) and the router's, absolute and as a share of them."""
+  full = dict(zip(('inference', 'without_output'), map(int, _macs_per_route(spec)[-1])))
+  router = router_lib.router_macs(spec)
+  return {'num_routes': routing.RoutingSpace.of(spec).num_routes, 'full_macs': full,
+          'router_macs': router, 'router_relative': {k: router / v for k, v in full.items()}}
 
 
 # ---------------------------------------------------------------- loop ------
@@ -145,6 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = c.max_steps or c.num_epochs * batches.steps_per_epoch
   eval_every = c.eval_every_steps or batches.steps_per_epoch
   tx = step_lib.make_optimizer(config.optim, total_steps)
+  canet = (step_lib.make_canet(run.spec, config.canet, total_steps, config.eval.chunk_size)
+           if run.spec.routed else None)
   state = step_lib.init_state(run.spec, tx, config.seed)
   latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
   best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
@@ -163,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                profiling.count_params(state['params']))
 
   compile_start = time.perf_counter()
-  step_fn = jax.jit(functools.partial(step_lib.train_step, run.model, tx, log_q),
+  step_fn = jax.jit(functools.partial(step_lib.train_step, run.model, tx, log_q, canet=canet),
                     donate_argnums=0).lower(state, _example_batch(batches)).compile()
   compile_s = time.perf_counter() - compile_start
   flops_per_step = profiling.compiled_flops(step_fn)
@@ -181,16 +266,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       seconds = time.perf_counter() - interval_start
       meta['train_s'] += seconds
       _check_finite(pending, c.max_bad_steps, step)
-      rates = {'loss': float(np.mean([m['loss'] for m in pending])),
+      rates = {**{k: float(np.mean([m[k] for m in pending]))
+                  for k in pending[0] if k not in ('finite', 'targets')},
                'step_ms': 1e3 * seconds / len(pending),
                'positions_per_s': sum(int(m['targets']) for m in pending) / seconds,
                'sequences_per_s': len(pending) * config.data.batch_size / seconds,
                'gflops_per_s': flops_per_step * len(pending) / seconds / 1e9}
       writer.write(step, 'train', rates)
       throughput.append(rates)
-      logging.info('step %d/%d epoch %.2f loss %.4f | %.0f positions/s %.0f seq/s '
+      logging.info('step %d/%d epoch %.2f loss %.4f%s | %.0f positions/s %.0f seq/s '
                    '%.1f ms/step %.1f GFLOP/s | ETA %s', step, total_steps,
-                   step / batches.steps_per_epoch, rates['loss'], rates['positions_per_s'],
+                   step / batches.steps_per_epoch, rates['loss'],
+                   f" (nll {rates['nll']:.4f}, routed cost {rates['routed_cost']:.3f})"
+                   if canet else '', rates['positions_per_s'],
                    rates['sequences_per_s'], rates['step_ms'], rates['gflops_per_s'],
                    _duration((total_steps - step) * seconds / len(pending)))
       pending = []
@@ -198,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       eval_start = time.perf_counter()
       valid = evaluator(state['params'], 'valid')
       meta['eval_s'] += time.perf_counter() - eval_start
-      writer.write(step, 'valid', valid)
+      writer.write(step, 'valid', _scalars(valid))
       if valid[c.metric] > meta['best_metric']:
         meta.update(best_metric=valid[c.metric], best_step=step, bad_evals=0)
         best.save(step, state['params'], {'valid': valid})
@@ -223,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_start = time.perf_counter()
   test = evaluator(best_params, 'test')
   meta['eval_s'] += time.perf_counter() - eval_start
-  writer.write(meta['best_step'], 'test', test)
+  writer.write(meta['best_step'], 'test', _scalars(test))
   logging.info('test (best step %d): %s', meta['best_step'], _fmt(test))
   results = {
       'backbone': run.spec.backbone, 'best_step': meta['best_step'], 'steps': step,
@@ -236,6 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      ('positions_per_s', 'sequences_per_s', 'step_ms', 'gflops_per_s')},
       'compile_s': compile_s, 'train_s': meta['train_s'], 'eval_s': meta['eval_s'],
       'wall_s': time.time() - wall_start}
+  if run.spec.routed:
+    results['routing'] = routing_costs(run.spec)
   if c.compression_report:
     n = min(len(run.test), config.data.eval_batch_size)
     results['compression'] = compression.report(
@@ -275,8 +365,13 @@ def _steady(rates: list[dict[str, float]], name: str) -> float:
   return float(np.median(values)) if values else 0.0
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-  return ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'num_examples')
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  """The metrics without the nested 'routing' summary."""
+  return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+  return ' '.join(f'{k} {v:.4f}' for k, v in _scalars(metrics).items() if k != 'num_examples')
 
 
 def _duration(seconds: float) -> str:
