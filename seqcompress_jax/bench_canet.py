@@ -40,9 +40,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from seqcompress_jax import bench, bench_cprec, profiling, train
+from seqcompress_jax import bench, bench_cprec, profiling, rundir, train
 from seqcompress_jax import step as step_lib
-from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import load_dataset, pipeline
 from seqcompress_jax.models import router as router_lib
 from seqcompress_jax.models import routing
@@ -75,27 +74,16 @@ def synthetic_case(spec: ModelSpec, batch_size: int, mix: Sequence[int] = (),
   return step_lib.init_params(spec, seed), inputs, routes
 
 
-def _tuples(tree: Any) -> Any:
-  """JSON lists back to the tuples the config had."""
-  if isinstance(tree, dict):
-    return {k: _tuples(v) for k, v in tree.items()}
-  return tuple(map(_tuples, tree)) if isinstance(tree, list) else tree
-
-
 def trained_case(workdir: str, batch_size: int
                  ) -> tuple[ModelSpec, dict, np.ndarray, np.ndarray]:
   """The run's spec, best parameters, its test sequences cycled to
   `batch_size` rows, and the routes its router picks for them (argmax)."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config = rundir.read_config(workdir)
   ds = load_dataset(config.data)
   spec = ModelSpec.from_config(config.model, ds.num_items, ds.item_count)
   if not spec.routed:
     raise ValueError(f'{workdir} holds a run without routing (model.route_* empty)')
-  like = jax.eval_shape(functools.partial(step_lib.init_params, spec, config.seed))
-  best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
-  params, _ = best.restore(like)
-  best.close()
+  params, _ = rundir.restore_params(config, spec, workdir)
   test = pipeline.eval_set(ds, 'test', config.data.max_len)
   inputs = test.inputs[np.arange(batch_size) % len(test)]
   routes = jax.jit(functools.partial(step_lib.choose_routes, spec))(params, inputs)

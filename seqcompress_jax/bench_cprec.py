@@ -29,6 +29,7 @@ tokens, 0 on items), to see (d) when more rows need tails.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import subprocess
@@ -40,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from seqcompress_jax import profiling
-from seqcompress_jax.data import pipeline
+from seqcompress_jax import profiling, rundir, writers
+from seqcompress_jax.data import load_dataset, pipeline
 from seqcompress_jax.models import blocks, heads
 from seqcompress_jax.models import model as model_lib
 from seqcompress_jax.models.spec import ModelSpec
@@ -117,14 +118,7 @@ def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k
            for name, fn, p in [('full_softmax_ms', full, full_params),
                                ('exact_ms', exact, params), ('fast_ms', fast, params)]}
 
-  def tail_stats(head, h):
-    log_p = head.log_probs(h)
-    kth = jax.lax.top_k(log_p[:, :c1], min(k, c1))[0][:, -1:]
-    cluster = jnp.stack([jax.nn.logsumexp(log_p[:, lower:upper], axis=1)
-                         for lower, upper in zip(spec.cutoffs, spec.cutoffs[1:])], axis=1)
-    return (cluster > kth).mean(axis=0), jnp.exp(cluster).mean(axis=0)
-
-  needed, cluster_p = on_head(tail_stats)(params, hidden)
+  needed, cluster_p = on_head(functools.partial(tail_stats, spec, k=k))(params, hidden)
   exact_items, fast_items = (np.sort(np.asarray(fn(params, hidden)[1]), axis=1)
                              for fn in (exact, fast))
   mismatched = (exact_items != fast_items).any(axis=1)
@@ -133,6 +127,39 @@ def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k
           'mean_cluster_p': cluster_p.tolist(), 'capacity': capacity or max(8, eval_batch // 4),
           'cluster_shift': cluster_shift, 'eval_batch': eval_batch, 'k': k,
           'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+
+
+def tail_stats(spec: ModelSpec, head: blocks.AdaptiveSoftmax, hidden: jax.Array,
+               k: int) -> tuple[jax.Array, jax.Array]:
+  """Per tail [n - 1]: the share of rows of hidden [B, H] that AdaptiveSoftmax.topk
+  must open for k (the tail's cluster beats the k-th best head item), and the
+  mean probability of the tail's cluster."""
+  c1 = spec.cutoffs[0]
+  log_p = head.log_probs(hidden)
+  kth = jax.lax.top_k(log_p[:, :c1], min(k, c1))[0][:, -1:]
+  cluster = jnp.stack([jax.nn.logsumexp(log_p[:, lower:upper], axis=1)
+                       for lower, upper in zip(spec.cutoffs, spec.cutoffs[1:])], axis=1)
+  return (cluster > kth).mean(axis=0), jnp.exp(cluster).mean(axis=0)
+
+
+def trained_tail_stats(workdir: str, ks: Sequence[int]) -> dict[str, Any]:
+  """tail_stats on the test sequences of a trained run with an adaptive head."""
+  config = rundir.read_config(workdir)
+  ds = load_dataset(config.data)
+  spec = ModelSpec.from_config(config.model, ds.num_items, ds.item_count)
+  if spec.head != 'adaptive':
+    raise ValueError(f'{workdir}: model.head is {spec.head!r}, not adaptive')
+  params, which = rundir.restore_params(config, spec, workdir)
+  model = model_lib.Recommender(spec)
+  inputs = pipeline.eval_set(ds, 'test', config.data.max_len).inputs
+  stats = jax.jit(lambda p, x, k: model.apply({'params': p}, x, method=lambda m, x: tail_stats(
+      spec, m.head, m(x, train=False)[:, -1], k)), static_argnums=2)
+  out = {'workdir': workdir, 'checkpoint': which, 'cutoffs': spec.cutoffs,
+         'sequences': len(inputs)}
+  for k in ks:
+    needed, cluster_p = stats(params, inputs, k)
+    out[f'k={k}'] = {'rows_needing_tail': needed.tolist(), 'mean_cluster_p': cluster_p.tolist()}
+  return out
 
 
 def _in_subprocess(one: str) -> dict[str, Any]:
@@ -152,6 +179,18 @@ def main(argv: list[str]) -> None:
   tail_capacity = tuple(min(1.0, FLAGS.capacity_factor * m) for m in masses[1:]
                         if FLAGS.capacity_factor)
   sizes = dict(num_items=num_items, dim=FLAGS.dim, max_len=FLAGS.max_len, cutoffs=cutoffs)
+  if FLAGS.workdir:
+    out = trained_tail_stats(FLAGS.workdir, (1, 10, 20, 50))
+    print(f'{out["checkpoint"]} of {FLAGS.workdir}, cutoffs {out["cutoffs"]}, '
+          f'{out["sequences"]} test sequences\n')
+    print('| k | rows needing tail 2..n | mean p(cluster 2..n) |\n|---|---|---|')
+    for k in (1, 10, 20, 50):
+      row = out[f'k={k}']
+      print(f'| {k} | {np.round(row["rows_needing_tail"], 3).tolist()} | '
+            f'{np.round(row["mean_cluster_p"], 3).tolist()} |')
+    if FLAGS.out:
+      writers.write_json(FLAGS.out, out)
+    return
   if FLAGS.one:
     print(json.dumps(run_rank(**sizes, k=FLAGS.k, eval_batch=FLAGS.eval_batch,
                               capacity=FLAGS.capacity, cluster_shift=FLAGS.cluster_shift)
@@ -202,6 +241,8 @@ if __name__ == '__main__':  # Flags here, not at import: tests import this modul
                      'multiple of its Zipf mass (model.capacity_factor); 0 = off.')
   flags.DEFINE_integer('steps', 5, 'Timed training steps.')
   flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+  flags.DEFINE_string('workdir', '', 'Instead: how many test rows of this trained run '
+                      '(adaptive head) the fast top-k must open each tail for.')
   flags.DEFINE_enum('one', '', ['', 'full', 'adaptive', 'rank'],
                     'Internal: run one measurement in this process.')
   app.run(main)

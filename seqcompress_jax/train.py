@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import compression, evaluate, profiling, writers
+from seqcompress_jax import compression, evaluate, profiling, rundir, writers
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import Dataset, load_dataset, pipeline
@@ -382,18 +382,7 @@ def _duration(seconds: float) -> str:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: validation and test metrics of the best (else latest) params."""
   run = setup(config, workdir)
-  tx = step_lib.make_optimizer(config.optim, 1)
-  state = step_lib.init_state(run.spec, tx, config.seed)
-  best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
-  if best.latest_step() is not None:
-    params, _ = best.restore(state['params'])
-    which = f'best (step {best.latest_step()})'
-  else:
-    latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
-    if latest.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}: train first (--mode=train)')
-    full, _ = latest.restore(state)
-    params, which = full['params'], f'latest (step {latest.latest_step()})'
+  params, which = rundir.restore_params(config, run.spec, workdir)
   evaluator = make_evaluator(run)
   out = {'checkpoint': which, 'valid': evaluator(params, 'valid'),
          'test': evaluator(params, 'test')}

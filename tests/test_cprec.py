@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import evaluate, profiling, train
+from seqcompress_jax import bench_cprec, evaluate, profiling, rundir, train
 from seqcompress_jax.data import pipeline
 from seqcompress_jax.models import model as model_lib
 from seqcompress_jax.models.spec import ModelSpec
@@ -99,6 +99,23 @@ def test_compressed_model_trains_end_to_end(tmp_path):
   for part in ('embedding', 'middle', 'output'):
     assert compressed[part] < uncompressed[part]
   assert profiling.macs(spec)['output'] < profiling.macs(plain)['output']
+
+  # The fast top-k's tail statistics on the trained run, against numpy.
+  stats = bench_cprec.trained_tail_stats(str(tmp_path / 'run'), (1, spec.cutoffs[0]))
+  params, _ = rundir.restore_params(config, spec, str(tmp_path / 'run'))
+  test = train.setup(config, str(tmp_path / 'run')).test
+  model = model_lib.Recommender(spec)
+  log_p = np.asarray(model.apply({'params': params}, test.inputs, method=lambda m, x: m.logits(
+      m(x, train=False)[:, -1])), np.float64)
+  clusters = np.stack([np.logaddexp.reduce(log_p[:, a:b], axis=1)
+                       for a, b in zip(spec.cutoffs, spec.cutoffs[1:])], axis=1)
+  best_head = log_p[:, 1:spec.cutoffs[0]].max(axis=1, keepdims=True)
+  np.testing.assert_allclose(stats['k=1']['rows_needing_tail'],
+                             (clusters > best_head).mean(axis=0))
+  np.testing.assert_allclose(stats['k=1']['mean_cluster_p'], np.exp(clusters).mean(axis=0),
+                             rtol=1e-5)
+  # k at least the head's size: every row needs every tail.
+  assert stats[f'k={spec.cutoffs[0]}']['rows_needing_tail'] == [1.0] * (len(spec.cutoffs) - 1)
 
 
 def load_cprec_config(arg):

@@ -1,0 +1,54 @@
+"""Reading a finished or interrupted run back from its workdir: its config and
+its parameters (best checkpoint, else the latest train state's)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from seqcompress_jax import step as step_lib
+from seqcompress_jax.checkpointing import Checkpoints
+from seqcompress_jax.models.spec import ModelSpec
+
+
+def _tuples(tree: Any) -> Any:
+  """JSON lists back to the tuples the config had."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  return tuple(map(_tuples, tree)) if isinstance(tree, list) else tree
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a run directory')
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec,
+                   workdir: str) -> tuple[dict, str]:
+  """The run's best parameters, else those of its latest train state, and
+  which ('best (step N)' or 'latest (step N)')."""
+  best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
+  if best.latest_step() is not None:
+    like = jax.eval_shape(functools.partial(step_lib.init_params, spec, config.seed))
+    params, _ = best.restore(like)
+    which = f'best (step {best.latest_step()})'
+    best.close()
+    return params, which
+  latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
+  if latest.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}: train first (--mode=train)')
+  tx = step_lib.make_optimizer(config.optim, 1)
+  like = jax.eval_shape(functools.partial(step_lib.init_state, spec, tx, config.seed))
+  state, _ = latest.restore(like)
+  which = f'latest (step {latest.latest_step()})'
+  latest.close()
+  return state['params'], which
