@@ -24,7 +24,8 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ('run', 'params', 'compression', 'MACs/seq', 'routed MACs/seq', 'routed MACs %',
-           'valid NDCG@10', 'test NDCG@10', 'test HR@10', 'train s')
+           'valid NDCG@10', 'test NDCG@10', 'test HR@10', 'train s', 'step speed-up',
+           'ranking speed-up')
 
 def load_grid(name: str) -> list[tuple[str, str, dict]]:
   """The runs of grid `name` in configs/ablations.py."""
@@ -66,7 +67,9 @@ def table_rows(grid: list[tuple[str, str, dict]], root: str) -> list[dict]:
   the run has no compression report of its own. 'MACs/seq' is the model's
   (a routed model's: its full route); 'routed MACs/seq' the average over the
   test set of the routes chosen (= 'MACs/seq' without routing), and 'routed
-  MACs %' that average as a share of 'MACs/seq'."""
+  MACs %' that average as a share of 'MACs/seq'. The speed-ups (uncompressed
+  time / the run's, for a train step and a full ranking) come from the run's
+  compression report, empty without one."""
   results = {}
   for name, _, _ in grid:
     path = os.path.join(root, name, 'results.json')
@@ -85,7 +88,10 @@ def table_rows(grid: list[tuple[str, str, dict]], root: str) -> list[dict]:
                  'routed MACs %': round(100 * routed / macs, 1),
                  'valid NDCG@10': round(r['valid']['NDCG@10'], 4),
                  'test NDCG@10': round(r['test']['NDCG@10'], 4),
-                 'test HR@10': round(r['test']['HR@10'], 4), 'train s': round(r['train_s'])})
+                 'test HR@10': round(r['test']['HR@10'], 4), 'train s': round(r['train_s']),
+                 **{column: round(r['compression']['ratio'][key], 2) if 'compression' in r else ''
+                    for column, key in (('step speed-up', 'train_step_time'),
+                                        ('ranking speed-up', 'full_ranking_time'))}})
   return rows
 
 
