@@ -29,11 +29,14 @@ class Checkpoints:
         tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
-    """The checkpoint at `step` (default: latest), shaped and typed like `like`."""
+    """The checkpoint at `step` (default: latest), shaped, typed and laid out
+    like `like`, whatever devices wrote it: a leaf of `like` with a sharding
+    (an array, or a ShapeDtypeStruct that has one) is restored onto it, one
+    without (a jax.eval_shape result) whole onto this process's first device."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self._manager.directory}')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(_with_sharding, like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored['tree'], restored['meta']
@@ -41,3 +44,12 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _with_sharding(leaf: Any) -> jax.ShapeDtypeStruct:
+  """The restore target of a leaf of `like` (see Checkpoints.restore)."""
+  abstract = ocp.utils.to_shape_dtype_struct(leaf)
+  if abstract.sharding is not None:
+    return abstract
+  return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype,
+                              sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))

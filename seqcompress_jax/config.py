@@ -111,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.exclude_history = False  # Do not rank items of the user's history.
   c.eval.history_len = 0  # Items of history to exclude; 0 = max_len.
   c.eval.chunk_size = 4096  # Items scored at once in full ranking.
+
+  # The device mesh (sharding.py): `data` splits the batches, `model` the item
+  # axis of the item tables; -1 = the devices the other axis leaves.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
   return c
 
 

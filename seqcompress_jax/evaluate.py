@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from seqcompress_jax import sharding
 from seqcompress_jax.data.dataset import PAD
 from seqcompress_jax.metrics import metrics_from_ranks
 
@@ -53,7 +55,8 @@ def _distinct_above(history: jax.Array, history_score: jax.Array,
 
 
 def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
-                 chunk_size: int = 4096, exclude_history: bool = False) -> RankFn:
+                 chunk_size: int = 4096, exclude_history: bool = False,
+                 mesh: Mesh | None = None) -> RankFn:
   """(params, batch) -> int32 [b]: items in 1..num_items-1 scoring above the target.
 
   Items are scored `chunk_size` ids at a time in a jitted loop, so memory is
@@ -61,6 +64,10 @@ def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
   distinct items of the batch's 'history' (other than PAD and the target) are
   not competitors. Ranks do not depend on the chunk or batch size as long as
   `score` gives an item the same value however it is asked for.
+
+  On a `mesh` (sharding.py), the batch's rows are split over `data` (as are
+  the ranks) and each chunk's items over `model`, so a device scores b / data
+  x chunk_size / model of them and no device holds a whole catalogue row.
   """
   if num_items < 2:
     raise ValueError(f'num_items must be >= 2 (PAD and an item), got {num_items}')
@@ -78,7 +85,8 @@ def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
     def count_chunk(i: jax.Array, count: jax.Array) -> jax.Array:
       items = 1 + i * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
       valid = items < num_items
-      scores = score(params, h, jnp.where(valid, items, PAD))
+      scores = sharding.constrain(score(params, h, jnp.where(valid, items, PAD)),
+                                  mesh, sharding.DATA, sharding.MODEL)
       # The target is left out by id, so rounding can never rank it above itself.
       above = (scores > target_score) & valid & (items != targets[:, None])
       return count + above.sum(axis=1, dtype=jnp.int32)
@@ -88,7 +96,7 @@ def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
     if exclude_history:
       history = jnp.sort(batch['history'], axis=1)
       count -= _distinct_above(history, score(params, h, history), targets, target_score)
-    return count
+    return sharding.constrain(count, mesh, sharding.DATA)
 
   keys = ('inputs', 'targets') + (('history',) if exclude_history else ())
   return _selecting(ranks, keys)
@@ -202,12 +210,13 @@ def with_negatives(batches: Iterable[dict], negatives: np.ndarray) -> Iterator[d
 
 def _ranks_and_weights(rank_fn: RankFn, params: Params,
                        batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
-  # Dispatch every batch before reading any result back, so host and device overlap.
+  # Dispatch every batch before reading any result back, so host and device
+  # overlap. Batches split over processes (sharding.global_batch) come back whole.
   pending = [(rank_fn(params, batch), batch['weights']) for batch in batches]
   if not pending:
     raise ValueError('no evaluation batches')
-  return (np.concatenate([np.asarray(ranks) for ranks, _ in pending]),
-          np.concatenate([np.asarray(weights) for _, weights in pending]))
+  ranks, weights = zip(*map(sharding.to_host, pending))
+  return np.concatenate(ranks), np.concatenate(weights)
 
 
 def ranks_of(rank_fn: RankFn, params: Params, batches: Iterable[Batch]) -> np.ndarray:

@@ -3,17 +3,34 @@
   --config=configs/nextitnet.py:smoke   a preset (see the config file)
   --config.model.embed_dim=128           any field overridden
   --mode=train | eval                    eval: metrics of the workdir's best model
+  --config.mesh.data=-1 --config.mesh.model=8   the device mesh (sharding.py)
+  --distributed                          one process of a multi-process run
 
 Re-running a train command with the same workdir resumes from its latest
 checkpoint.
+
+Multi-process (multi-host) runs: start the same command on every host with
+--distributed, or with the environment variable SEQCOMPRESS_DISTRIBUTED=1
+(which sets its default). It calls jax.distributed.initialize() before
+anything else. On TPU pods, under SLURM and Open MPI the coordinator, the
+process count and this process's id are found automatically; elsewhere give
+them, e.g. on two processes of one machine:
+
+  python -m seqcompress_jax.main --config=... --workdir=... --distributed
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0  (and =1)
+
+The mesh then spans the devices of every process, each process loads its own
+rows of every batch, and only process 0 writes the workdir's logs and results.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging as std_logging
+import os
 import sys
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +44,17 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:presets]
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints and results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', os.environ.get('SEQCOMPRESS_DISTRIBUTED') == '1',
+    'Call jax.distributed.initialize() first: one process of a multi-process run '
+    '(default: the environment variable SEQCOMPRESS_DISTRIBUTED=1).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: host:port of process 0 '
+    '(default: found by jax.distributed, or JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --distributed: the number of processes (default: found).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --distributed: this process, 0..num_processes-1 (default: found).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -62,6 +90,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(

@@ -2,7 +2,9 @@
 and CANet's routed objective.
 
 Train state is a plain dict {params, opt_state, step, rng}; the step's rng is
-`rng` folded with `step`, so that a resumed run draws the same numbers. A
+`rng` folded with `step`, so that a resumed run draws the same numbers. On a
+device mesh, `create_state` makes it already sharded and `jit_train_step`
+compiles the step for that layout (sharding.py). A
 routed model (CANet) keeps its router's parameters at params['router'], next
 to the Recommender's 'embed', 'backbone' and 'head' (which the Recommender
 ignores); one optimizer updates both.
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from seqcompress_jax import evaluate
+from seqcompress_jax import evaluate, sharding
 from seqcompress_jax.models import model as model_lib
 from seqcompress_jax.models import router as router_lib
 from seqcompress_jax.models import routing
@@ -77,6 +80,14 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int) -> 
   return {'params': params, 'opt_state': tx.init(params),
           'step': jnp.zeros((), jnp.int32),
           'rng': jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))}
+
+
+def create_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
+                 mesh: Mesh) -> tuple[State, Any]:
+  """init_state created already sharded on `mesh` (sharding.state_shardings),
+  and its shardings."""
+  return sharding.create(functools.partial(init_state, spec, tx, seed),
+                         functools.partial(sharding.state_shardings, mesh, tx))
 
 
 def last_state(model: Recommender, params: dict, inputs: jax.Array,
@@ -165,19 +176,32 @@ def temperature_schedule(canet: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def make_canet(spec: ModelSpec, canet: ml_collections.ConfigDict, total_steps: int,
-               chunk_size: int) -> Canet:
+               chunk_size: int, mesh: Mesh | None = None) -> Canet:
   """The objective of the `canet` config section for a routed `spec`; the
-  guide ranks all items `chunk_size` at a time (eval.chunk_size)."""
+  guide ranks all items `chunk_size` at a time (eval.chunk_size), on `mesh`
+  when the step runs on one (evaluate.make_rank_fn)."""
   space = routing.RoutingSpace.of(spec)
   model = Recommender(spec)
   guide_rank = evaluate.make_rank_fn(
       functools.partial(last_state, model, route=space.routes[0]),
       functools.partial(item_scores, model), spec.num_items, chunk_size,
-      exclude_history=True)
+      exclude_history=True, mesh=mesh)
   return Canet(spec=spec, space=space, costs=routing.relative_costs(spec, canet.cost_macs),
                temperature=temperature_schedule(canet, total_steps),
                guide_weight=canet.guide_weight, uniform_weight=canet.uniform_weight,
                cost_weight=canet.cost_weight, guide_k=canet.guide_k, guide_rank=guide_rank)
+
+
+def jit_train_step(model: Recommender, tx: optax.GradientTransformation,
+                   log_q: jax.Array | None, mesh: Mesh, state_shardings: Any,
+                   canet: Canet | None = None) -> Any:
+  """train_step jitted for `mesh`: the state laid out as `state_shardings`
+  (create_state's) and donated, the batch split over `data`
+  (sharding.global_batch), the metrics replicated."""
+  return jax.jit(functools.partial(train_step, model, tx, log_q, canet=canet),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
 
 
 def train_step(model: Recommender, tx: optax.GradientTransformation,

@@ -5,6 +5,13 @@ so a resumed run continues bit-for-bit. Model selection is on validation; the be
 parameters are evaluated once on test at the end. A routed model (CANet,
 model.route_*) trains with step.Canet's objective and is evaluated on the
 routes its router picks; results.json then reports the routes and their MACs.
+
+The run is laid out on the device mesh of config.mesh (sharding.py): the
+train state is created already sharded (item tables split over `model`), each
+process loads its rows of every batch and they are assembled into global
+arrays split over `data`, and the jitted step and rank functions keep those
+layouts. Checkpoints restore onto the current mesh, whatever mesh wrote them.
+Only process 0 writes config.json, metrics and results.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import compression, evaluate, profiling, rundir, writers
+from seqcompress_jax import compression, evaluate, profiling, rundir, sharding, writers
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import Dataset, load_dataset, pipeline
@@ -35,7 +43,8 @@ from seqcompress_jax.models.spec import ModelSpec
 
 # Fields that may change when a run in a workdir is resumed or re-evaluated.
 _RESUMABLE_CHANGES = ('train.num_epochs', 'train.max_steps', 'train.log_every_steps',
-                      'train.patience', 'data.cache_dir', 'eval.chunk_size')
+                      'train.patience', 'data.cache_dir', 'eval.chunk_size',
+                      'mesh.data', 'mesh.model')
 
 
 # ---------------------------------------------------------------- set-up ----
@@ -49,20 +58,23 @@ class Run:
   model: Recommender
   valid: pipeline.EvalSet
   test: pipeline.EvalSet
+  mesh: Mesh
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Loads data, builds the model spec, validates, checks the workdir."""
+  """Loads data, builds the model spec and the mesh, validates, checks the workdir."""
   ds = load_dataset(config.data)
   config_lib.validate(config, ds.num_items)
   spec = ModelSpec.from_config(config.model, ds.num_items, ds.item_count)
+  mesh = sharding.mesh_from_config(config)
   check_workdir(config, workdir)
   history_len = (config.eval.history_len or config.data.max_len
                  if config.eval.exclude_history else 0)
   return Run(config=config, workdir=workdir, dataset=ds, spec=spec,
              model=Recommender(spec),
              valid=pipeline.eval_set(ds, 'valid', config.data.max_len, history_len),
-             test=pipeline.eval_set(ds, 'test', config.data.max_len, history_len))
+             test=pipeline.eval_set(ds, 'test', config.data.max_len, history_len),
+             mesh=mesh)
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -128,7 +140,7 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, Any]]:
 
   if e.protocol == 'full':
     rank_fn = evaluate.make_rank_fn(encode, score, run.dataset.num_items, e.chunk_size,
-                                    e.exclude_history)
+                                    e.exclude_history, run.mesh)
   else:
     rank_fn = evaluate.make_sampled_rank_fn(encode, score)
 
@@ -138,10 +150,12 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, Any]]:
           e.negative_sampler, run.dataset.item_count, seed=run.config.seed)
       for split in ('valid', 'test')} if e.protocol == 'sampled' else {}
 
-  def batches(split: str) -> Iterator[dict[str, np.ndarray]]:
+  def batches(split: str) -> Iterator[dict[str, jax.Array]]:
     stream = pipeline.eval_batches(getattr(run, split), run.config.data.eval_batch_size,
                                    jax.process_index(), jax.process_count())
-    return evaluate.with_negatives(stream, negatives[split]) if negatives else stream
+    if negatives:
+      stream = evaluate.with_negatives(stream, negatives[split])
+    return (sharding.global_batch(run.mesh, batch) for batch in stream)
 
   if not spec.routed:
     return lambda params, split: evaluate.evaluate(rank_fn, params, batches(split), e.ks)
@@ -162,7 +176,7 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, Any]]:
         yield {**batch, 'inputs': {'items': batch['inputs'], 'routes': routes}}
 
     metrics = evaluate.evaluate(rank_fn, params, with_routes(), e.ks)
-    routes = np.concatenate([np.asarray(r)[np.asarray(w) > 0] for r, w in chosen])
+    routes = np.concatenate([r[w > 0] for r, w in map(sharding.to_host, chosen)])
     return {**metrics, 'routed_cost': float(costs[routes].mean()),
             'routing': route_summary(spec, routes)}
 
@@ -228,9 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = c.max_steps or c.num_epochs * batches.steps_per_epoch
   eval_every = c.eval_every_steps or batches.steps_per_epoch
   tx = step_lib.make_optimizer(config.optim, total_steps)
-  canet = (step_lib.make_canet(run.spec, config.canet, total_steps, config.eval.chunk_size)
-           if run.spec.routed else None)
-  state = step_lib.init_state(run.spec, tx, config.seed)
+  canet = (step_lib.make_canet(run.spec, config.canet, total_steps, config.eval.chunk_size,
+                               run.mesh) if run.spec.routed else None)
+  state, state_shardings = step_lib.create_state(run.spec, tx, config.seed, run.mesh)
   latest = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
   best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
   meta = {'iterator': batches.state(), 'best_metric': -math.inf, 'best_step': 0,
@@ -248,8 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                profiling.count_params(state['params']))
 
   compile_start = time.perf_counter()
-  step_fn = jax.jit(functools.partial(step_lib.train_step, run.model, tx, log_q, canet=canet),
-                    donate_argnums=0).lower(state, _example_batch(batches)).compile()
+  step_fn = step_lib.jit_train_step(run.model, tx, log_q, run.mesh, state_shardings,
+                                    canet).lower(
+      state, sharding.global_batch(run.mesh, _example_batch(batches))).compile()
   compile_s = time.perf_counter() - compile_start
   flops_per_step = profiling.compiled_flops(step_fn)
   logging.info('Compiled the train step in %.1f s (%.3g GFLOP/step)',
@@ -257,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   pending, interval_start, throughput = [], time.perf_counter(), []
   while step < total_steps and not meta['done'] and step != stop_at_step:
-    state, metrics = step_fn(state, next(batches))
+    state, metrics = step_fn(state, sharding.global_batch(run.mesh, next(batches)))
     step += 1
     pending.append(metrics)
     evaluate_now = step % eval_every == 0 or step == total_steps
@@ -383,6 +398,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """--mode=eval: validation and test metrics of the best (else latest) params."""
   run = setup(config, workdir)
   params, which = rundir.restore_params(config, run.spec, workdir)
+  params = jax.device_put(params, sharding.param_shardings(run.mesh, params))
   evaluator = make_evaluator(run)
   out = {'checkpoint': which, 'valid': evaluator(params, 'valid'),
          'test': evaluator(params, 'test')}
