@@ -315,9 +315,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not pending:  # Logged: the next interval starts now, evaluation excluded.
       interval_start = time.perf_counter()
 
-  if step == stop_at_step:  # Pre-empted: save where we are and leave.
-    meta['iterator'] = batches.state()
-    latest.save(step, state, meta)
+  if step == stop_at_step:  # Pre-empted: save where we are (unless evaluation just did) and leave.
+    if latest.latest_step() != step:
+      meta['iterator'] = batches.state()
+      latest.save(step, state, meta)
     for closing in (latest, best, writer):
       closing.close()
     return {}

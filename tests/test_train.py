@@ -84,9 +84,10 @@ def final_state(config, workdir):
   return state, meta
 
 
-def test_resume_is_bit_for_bit(tmp_path):
+@pytest.mark.parametrize('eval_every', [100, 5])  # Pre-empted between evaluations, or at one.
+def test_resume_is_bit_for_bit(tmp_path, eval_every):
   config = tiny_config(tmp_path, 'sasrec')  # dropout: the rng must resume too
-  config.train.update(max_steps=10, eval_every_steps=100)
+  config.train.update(max_steps=10, eval_every_steps=eval_every)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train.train_and_evaluate(config, straight)
   assert train.train_and_evaluate(config, resumed, stop_at_step=5) == {}
