@@ -13,12 +13,21 @@ PyTree = Any
 
 
 class Checkpoints:
-  """A folder of step-numbered checkpoints, each a pytree and a JSON dict."""
+  """A folder of step-numbered checkpoints, each a pytree and a JSON dict.
+
+  In a multi-process run every process saves and restores (each writes its
+  own shards); the processes meet at barriers named after the step, so the
+  folder's name prefixes them: two folders saving the same step at once
+  (train.py's `checkpoints` and `best`) must have different names.
+  """
 
   def __init__(self, directory: str, max_to_keep: int):
+    directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=os.path.basename(directory))))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -213,9 +213,21 @@ def _synthetic(c: ml_collections.ConfigDict) -> None:
   c.data.synthetic.update(num_users=20000, num_items=10000, mean_len=30.0)
 
 
+def _pod(c: ml_collections.ConfigDict) -> None:
+  """A multi-host run (launch/tpu_pod.sh, launch/slurm_gpu.sh): every device
+  of a TPU v4-32 (16 chips on 4 hosts) or of 8 GPUs on `data`, global
+  batches of 1,024 windows (64 per chip, 128 per GPU; any power of two up to
+  1,024 devices divides them), bfloat16 compute. Splitting the item tables
+  too is --config.mesh.model=K, when K divides the item ids (PAD included)."""
+  c.mesh.update(data=-1, model=1)
+  c.data.update(batch_size=1024, eval_batch_size=1024)
+  c.model.dtype = 'bfloat16'
+
+
 PRESETS = {
     'smoke': _smoke,
     'synthetic': _synthetic,
+    'pod': _pod,
     'bf16': lambda c: c.model.update(dtype='bfloat16'),
     'sampled': lambda c: c.model.update(head='sampled'),
 }

@@ -21,6 +21,12 @@ them, e.g. on two processes of one machine:
 
 The mesh then spans the devices of every process, each process loads its own
 rows of every batch, and only process 0 writes the workdir's logs and results.
+
+Under SLURM JAX gives each process the GPU of its local rank; with one
+process per node, --local_device_ids=0,1,...,G-1 gives it the node's G GPUs
+(launch/slurm_gpu.sh does both). The workdir must be one folder that every
+process sees (a shared file system): each process saves its shards of the
+checkpoints there.
 """
 
 from __future__ import annotations
@@ -55,6 +61,13 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'With --distributed: the number of processes (default: found).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process, 0..num_processes-1 (default: found).')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None, 'With --distributed: the local GPUs this process uses, e.g. '
+    '0,1,2,3 for one process per node (default: all of them, except under SLURM and Open '
+    'MPI, where JAX gives each process the one GPU of its local rank).')
+flags.register_validator('local_device_ids',
+                         lambda ids: ids is None or all(i.isdigit() for i in ids),
+                         message='expected comma-separated device numbers, e.g. 0,1,2,3')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -91,7 +104,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value])
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(

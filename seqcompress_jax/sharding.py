@@ -2,8 +2,9 @@
 vocab-parallel item tables.
 
 The mesh (`config.mesh`) has two axes. `data` splits every batch along its
-first axis (each process loads its own rows: pipeline.TrainBatches and
-eval_batches slice by process, `global_batch` assembles the global arrays).
+first axis (each process loads the rows its devices hold, `process_rows`:
+pipeline.TrainBatches and eval_batches slice them, `global_batch` assembles
+the global arrays).
 `model` splits the item axis of the item tables, so that a catalogue too big
 for one device is spread over mesh.model of them (ITEM_AXES): the input
 embedding [V, E] (and the CANet router's), the full or sampled softmax kernel
@@ -151,9 +152,35 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def process_rows(mesh: Mesh) -> tuple[int, int]:
+  """(k, n): the rows of every batch split over `data` that this process
+  loads, block k of n equal contiguous blocks (pipeline.TrainBatches and
+  eval_batches take them as their process_index and process_count;
+  global_batch places them on its devices).
+
+  n is the number of groups of processes holding different rows, not the
+  process count: on a mesh whose `model` axis spans processes, several hold
+  the same rows (n = 1 when mesh.data = 1). Blocks go to the groups in the
+  order of their first position along `data`, so when each process's devices
+  are contiguous along `data` the global batch is the batch itself; when
+  they interleave (a device order not by process) it is a row permutation of
+  it, which changes no loss or metric. Raises ValueError when processes
+  hold overlapping or unequal sets of rows."""
+  devices = np.moveaxis(mesh.devices, mesh.axis_names.index(DATA), 0)
+  positions: dict[int, set[int]] = {}  # process -> its devices' positions along `data`.
+  for position, row in enumerate(devices.reshape(mesh.shape[DATA], -1)):
+    for device in row:
+      positions.setdefault(device.process_index, set()).add(position)
+  groups = sorted({tuple(sorted(p)) for p in positions.values()})
+  if (sorted(i for group in groups for i in group) != list(range(mesh.shape[DATA]))
+      or len({len(group) for group in groups}) > 1):
+    raise ValueError(f'the processes hold overlapping or unequal rows along `data`: {groups}')
+  return groups.index(tuple(sorted(positions[jax.process_index()]))), len(groups)
+
+
 def global_batch(mesh: Mesh, batch: Any) -> Any:
-  """This process's rows of a batch (numpy arrays, a contiguous slice of the
-  global batch in process order) -> global arrays split over `data`."""
+  """This process's rows of a batch (numpy arrays, its block by
+  process_rows) -> global arrays split over `data`."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

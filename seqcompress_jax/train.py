@@ -152,7 +152,7 @@ def make_evaluator(run: Run) -> Callable[[Any, str], dict[str, Any]]:
 
   def batches(split: str) -> Iterator[dict[str, jax.Array]]:
     stream = pipeline.eval_batches(getattr(run, split), run.config.data.eval_batch_size,
-                                   jax.process_index(), jax.process_count())
+                                   *sharding.process_rows(run.mesh))
     if negatives:
       stream = evaluate.with_negatives(stream, negatives[split])
     return (sharding.global_batch(run.mesh, batch) for batch in stream)
@@ -238,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   c = config.train
   windows = pipeline.train_windows(run.dataset, config.data.max_len, config.data.train_stride)
   batches = pipeline.TrainBatches(windows, config.data.batch_size, config.data.shuffle_seed,
-                                  jax.process_index(), jax.process_count())
+                                  *sharding.process_rows(run.mesh))
   total_steps = c.max_steps or c.num_epochs * batches.steps_per_epoch
   eval_every = c.eval_every_steps or batches.steps_per_epoch
   tx = step_lib.make_optimizer(config.optim, total_steps)
@@ -399,7 +399,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """--mode=eval: validation and test metrics of the best (else latest) params."""
   run = setup(config, workdir)
   params, which = rundir.restore_params(config, run.spec, workdir)
-  params = jax.device_put(params, sharding.param_shardings(run.mesh, params))
+  # Restored whole on this process: each of its devices takes its block of
+  # the host copy (a device-to-device put cannot reach other processes').
+  params = jax.device_get(params)
+  params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__),
+                        params, sharding.param_shardings(run.mesh, params))
   evaluator = make_evaluator(run)
   out = {'checkpoint': which, 'valid': evaluator(params, 'valid'),
          'test': evaluator(params, 'test')}

@@ -88,7 +88,9 @@ class TrainBatches:
 
   Epoch e visits the windows in `default_rng([seed, e]).permutation` order and
   drops the remainder, so every batch has `batch_size` rows. Each process gets
-  its contiguous `batch_size / process_count` rows of every global batch.
+  block `process_index` of `process_count` contiguous blocks of every global
+  batch (the training program passes sharding.process_rows: the rows its
+  devices hold, the whole batch on a mesh with data = 1).
   `state()` / `restore()` make a resumed run see exactly the same batches.
   """
 
