@@ -113,21 +113,10 @@ done
 LOG_DIR=${LOG_DIR:-$WORKDIR/logs}
 [[ $LOG_DIR == /* ]] || LOG_DIR=$PWD/$LOG_DIR
 
-quote() {  # The arguments as one shell command line.
-  local words=() word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      words+=("$word")
-    else  # In single quotes, each ' written as '\''.
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
-
-run() {  # Runs a command, or prints it with --dry-run.
-  if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
-}
+# Inside the job sbatch runs a spool copy of this script, in the repository (--chdir).
+here=$(dirname "${BASH_SOURCE[0]}")
+[[ -f $here/common.sh ]] || here=launch
+source "$here/common.sh"
 
 if ((PER_NODE)); then
   TASKS_PER_NODE=1

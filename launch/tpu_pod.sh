@@ -112,21 +112,7 @@ if [[ $COMMAND == start || $COMMAND == up ]]; then
 fi
 LOG_DIR=${LOG_DIR:-logs/$TPU_NAME}
 
-quote() {  # The arguments as one shell command line.
-  local words=() word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      words+=("$word")
-    else  # In single quotes, each ' written as '\''.
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
-
-run() {  # Runs a command, or prints it with --dry-run.
-  if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 TPU=(gcloud compute tpus tpu-vm)
 WHERE=("--zone=$ZONE")
