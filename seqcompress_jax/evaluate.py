@@ -2,8 +2,10 @@
 
 A target's rank is the number of competitors scoring strictly above it (ties
 count in its favour). A model is seen through two functions:
-`encode(params, inputs [b, L]) -> h [b, H]`, the state at the last position,
-and `score(params, h, items) -> [b, C]`, where `items` is [C] (the same ids for
+`encode(params, inputs) -> h [b, H]`, the state at the last position (inputs
+is the batch's 'inputs': item ids [b, L], or any pytree of [b, ...] arrays
+encode understands, e.g. a routed model's {'items', 'routes'}), and
+`score(params, h, items) -> [b, C]`, where `items` is [C] (the same ids for
 every row) or [b, C] (ids per row). Scores should be float32: in a coarse
 dtype such as bfloat16 many items tie with the target and ranks look better.
 """
