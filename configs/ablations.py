@@ -41,6 +41,9 @@ GRIDS = {
     'canet-cost': _canet_cost(),
     'canet-cost-nextitnet': _canet_cost('nextitnet'),
     'canet-cost-cprec': _canet_cost('cprec'),
+    # The same on configs/canet.py's CPU-sized space (64 x 4 layers at most).
+    'canet-cost-cpu': _canet_cost('cpu'),
+    'canet-cost-cpu-nextitnet': _canet_cost('nextitnet,cpu'),
     # Seconds-long runs on a small synthetic log (tests, a first try).
     'smoke': [(f'smoke-{blocks}-{scheme}', f'configs/cprec.py:{blocks},{scheme},smoke',
                {'train.max_steps': 4, 'train.compression_report': False})

@@ -16,6 +16,9 @@ whatever their order in the argument):
              depths count blocks)
   cprec:     CANet over CpRec: block embedding, adaptive softmax, cross-block sharing
   sharing:   none (default), cross-layer, cross-block, adjacent-layer, adjacent-block
+  cpu:       a space sized for a few CPU cores: E, H in {32, 48, 64}, D in
+             {1, 2, 3, 4} (36 routes, max 64 x 4 layers, 2 heads, FFN 4H);
+             with nextitnet, 4 blocks (1, 4) x 2 and the same widths
   full:      the full model trained alone (no routing), for comparison
   cost-W:    canet.cost_weight = W (e.g. cost-0.3; default 0.1)
   and the common ones: smoke (tiny sizes and a small synthetic log: seconds),
@@ -36,6 +39,10 @@ ROUTES = dict(route_embed_dims=(64, 96, 128), route_hidden_dims=(64, 96, 128),
               route_depths=(2, 4, 6, 8))
 NO_ROUTES = dict(route_embed_dims=(), route_hidden_dims=(), route_depths=())
 CPREC = dict(embedding='block', head='adaptive', sharing='cross-block')
+CPU_SASREC = dict(embed_dim=64, hidden_dim=64, num_layers=4, num_heads=2, ffn_dim=256,
+                  route_embed_dims=(32, 48, 64), route_hidden_dims=(32, 48, 64),
+                  route_depths=(1, 2, 3, 4))
+CPU_NEXTITNET = dict(CPU_SASREC, dilations=(1, 4) * 2)
 # Smoke: widths 16 and 32, depths 1 and 2 (8 routes), a small router.
 SMOKE = dict(embed_dim=32, hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64,
              dilations=(1, 2), route_embed_dims=(16, 32), route_hidden_dims=(16, 32),
@@ -43,13 +50,13 @@ SMOKE = dict(embed_dim=32, hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64,
 
 
 def _order(name: str) -> int:
-  """Where a preset applies: backbone, CpRec, sharing, full, cost, common."""
+  """Where a preset applies: backbone, cpu, CpRec, sharing, full, cost, common."""
   if name in BACKBONES:
     return 0
-  for rank, group in enumerate((('cprec',), SCHEMES, ('full',)), start=1):
+  for rank, group in enumerate((('cpu',), ('cprec',), SCHEMES, ('full',)), start=1):
     if name in group:
       return rank
-  return 4 if name.startswith('cost-') else 5
+  return 5 if name.startswith('cost-') else 6
 
 
 def _cost_weight(name: str) -> float:
@@ -70,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for name in sorted(filter(None, (arg or '').split(',')), key=_order):
     if name in BACKBONES:
       config.model.update(**BACKBONES[name])
+    elif name == 'cpu':
+      config.model.update(**(CPU_NEXTITNET if config.model.backbone == 'nextitnet'
+                             else CPU_SASREC))
     elif name == 'cprec':
       config.model.update(**CPREC)
     elif name in SCHEMES:
@@ -88,6 +98,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       apply_presets(config, name)
     else:
       raise ConfigError(f'unknown preset {name!r}; expected some of '
-                        f'{sorted([*BACKBONES, "cprec", *SCHEMES, "full", *PRESETS])} '
+                        f'{sorted([*BACKBONES, "cpu", "cprec", *SCHEMES, "full", *PRESETS])} '
                         'or cost-W')
   return config

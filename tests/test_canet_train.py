@@ -288,6 +288,13 @@ def test_canet_presets_and_their_errors():
   assert small.backbone == 'nextitnet' and small.depth == 2 and small.routed
   assert bench_canet.canet_config('cost-0.3').canet.cost_weight == 0.3
   assert not ModelSpec.from_config(bench_canet.canet_config('full').model, 1683).routed
+  # 'cpu' shrinks the space on either backbone, whatever order the presets come in.
+  for presets, backbone in (('cpu', 'sasrec'), ('cpu,nextitnet', 'nextitnet')):
+    cpu = ModelSpec.from_config(bench_canet.canet_config(presets).model, 1683)
+    space = RoutingSpace.of(cpu)
+    assert (cpu.backbone, cpu.embed_dim, cpu.hidden_dim, cpu.depth) == (backbone, 64, 64, 4)
+    assert (space.embed_dims, space.depths, space.num_routes) == ((32, 48, 64), (1, 2, 3, 4), 36)
+  assert not ModelSpec.from_config(bench_canet.canet_config('full,cpu').model, 1683).routed
   with pytest.raises(config_lib.ConfigError, match="preset 'cost-x'"):
     bench_canet.canet_config('cost-x')
   with pytest.raises(config_lib.ConfigError, match="unknown preset 'turbo'"):
