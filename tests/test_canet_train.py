@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from seqcompress_jax import bench_canet, profiling, train
+from seqcompress_jax import bench_canet, profiling, report, train
 from seqcompress_jax import config as config_lib
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
@@ -364,28 +364,34 @@ def test_canet_cost_grid_loads_and_tabulates_routed_macs(tmp_path):
   sweep = load_sweep()
   grid = sweep.load_grid('canet-cost')
   assert grid[0][0] == 'full' and len({name for name, _, _ in grid}) == len(grid) >= 4
-  weights = []
+  configs, weights = [], []
   for name, path, overrides in grid:
     file, _, presets = path.partition(':')
     assert file == 'configs/canet.py' and overrides == {}
     config = bench_canet.canet_config(presets)
     routed = ModelSpec.from_config(config.model, 1683).routed
     assert routed == (name != 'full')
+    configs.append(config)
     weights.append(config.canet.cost_weight)
   assert len(set(weights[1:])) == len(grid) - 1
   # A table of a plain and a routed run: routed MACs are the test average.
   results = {'params': {'total': 1000}, 'macs_per_sequence': {'inference': 200},
-             'valid': {'NDCG@10': 0.1}, 'test': {'NDCG@10': 0.1, 'HR@10': 0.2}, 'train_s': 1}
+             'valid': {'NDCG@10': 0.1}, 'test': {'NDCG@10': 0.1, 'HR@10': 0.2}, 'train_s': 1,
+             'throughput': {'sequences_per_s': 10.0}}
   routed = json.loads(json.dumps(results))
   routed['test']['routing'] = {'macs': {'inference': 50.0}}
   root = tmp_path / 'grid'
-  for (name, _, _), r in zip(grid[:2], (results, routed)):
+  for (name, _, _), config, r in zip(grid[:2], configs, (results, routed)):
     (root / name).mkdir(parents=True)
     (root / name / 'results.json').write_text(json.dumps(r))
+    (root / name / 'config.json').write_text(config.to_json_best_effort())
   rows = sweep.table_rows(grid, str(root))
   assert [(row['routed MACs/seq'], row['routed MACs %']) for row in rows] == [(200, 100.0),
                                                                               (50, 25.0)]
-  assert 'routed MACs %' in sweep.write_table(rows, str(root))
+  assert [row['method'] for row in rows] == [
+      'SASRec', f'CANet cost {weights[1]:g} (SASRec)']
+  report.write_report(rows, str(root))
+  assert 'routed MACs %' in (root / 'table.md').read_text()
 
 
 def test_bench_canet_functions_run_on_tiny_sizes():

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from seqcompress_jax import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,5 +38,10 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   assert rows[0]['compression'] == 1.0 and rows[1]['compression'] > 1.5
   sweep.run_grid(grid, root)
   assert capsys.readouterr().out.count('finished, skipped') == 2
-  markdown = sweep.write_table(rows, root)
-  assert markdown.count('\n') == 4 and os.path.exists(os.path.join(root, 'table.csv'))
+  markdown = report.markdown(rows)
+  assert markdown.count('\n') == 4
+  written = report.write_report(rows, root)
+  assert written[:2] == [os.path.join(root, 'table.md'), os.path.join(root, 'table.csv')]
+  with open(written[0]) as f:
+    assert f.read() == markdown
+  assert os.path.exists(written[1])
