@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqcompress_jax import buckets as buckets_lib
 from seqcompress_jax.models import routing
 from seqcompress_jax.models.model import EMBED_INIT, Recommender
 from seqcompress_jax.models.sasrec import LN_EPSILON, POSITION_INIT, TransformerLayer
@@ -96,9 +97,7 @@ class RoutedInference:
                compiler_options: dict | None = None):
     if output not in OUTPUTS:
       raise ValueError(f'output: expected one of {OUTPUTS}, got {output!r}')
-    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-      raise ValueError(f'buckets: expected increasing positive sizes, got {buckets!r}')
-    self.spec, self.output, self.buckets = spec, output, tuple(buckets)
+    self.spec, self.output, self.buckets = spec, output, buckets_lib.check_buckets(buckets)
     self.compiler_options = compiler_options
     self.routes = routing.RoutingSpace.of(spec).routes
     self._compiled = {}
@@ -114,18 +113,11 @@ class RoutedInference:
     inputs, routes = np.asarray(inputs), np.asarray(routes)
     width = self.spec.num_items if self.output == 'logits' else self.spec.hidden_dim
     out = jnp.zeros((len(inputs), width), jnp.float32)
-    largest = self.buckets[-1]
     for route in np.unique(routes):
-      rows = np.flatnonzero(routes == route)
-      for start in range(0, len(rows), largest):
-        chunk = rows[start:start + largest]
-        bucket = next(b for b in self.buckets if b >= len(chunk))
-        padded = np.zeros((bucket, inputs.shape[1]), inputs.dtype)
-        padded[:len(chunk)] = inputs[chunk]
-        index = np.full(bucket, len(inputs))  # Padding rows: out of range, dropped.
-        index[:len(chunk)] = chunk
+      for chunk, bucket in buckets_lib.chunks(np.flatnonzero(routes == route), self.buckets):
+        padded = buckets_lib.pad_rows(inputs[chunk], bucket)
         values = self._program(int(route), params, padded)(params, padded)
-        out = out.at[index].set(values, mode='drop')
+        out = out.at[chunk].set(values[:len(chunk)])
     return out
 
   def _program(self, route: int, params: dict, padded: np.ndarray):
