@@ -3,6 +3,11 @@
   --config=configs/nextitnet.py:smoke   a preset (see the config file)
   --config.model.embed_dim=128           any field overridden
   --mode=train | eval                    eval: metrics of the workdir's best model
+  --mode=export [--export_dir=DIR] [--export_k=50]
+                                         a self-contained directory for serving the
+                                         workdir's model (export.py; default
+                                         WORKDIR/export); --config may be left out:
+                                         the run's own config.json is used
   --config.mesh.data=-1 --config.mesh.model=8   the device mesh (sharding.py)
   --distributed                          one process of a multi-process run
 
@@ -42,14 +47,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import train
+from seqcompress_jax import export, train
 from seqcompress_jax.config import ConfigError
 from seqcompress_jax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:presets].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None,
+                                  'With --mode=export: where to write it (default WORKDIR/export).')
+_EXPORT_K = flags.DEFINE_integer('export_k', export.DEFAULT_K,
+                                 'With --mode=export: the most items a recommendation can hold.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', os.environ.get('SEQCOMPRESS_DISTRIBUTED') == '1',
     'Call jax.distributed.initialize() first: one process of a multi-process run '
@@ -68,7 +77,10 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
 flags.register_validator('local_device_ids',
                          lambda ids: ids is None or all(i.isdigit() for i in ids),
                          message='expected comma-separated device numbers, e.g. 0,1,2,3')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
+flags.register_multi_flags_validator(
+    ['config', 'mode'], lambda f: f['config'] is not None or f['mode'] == 'export',
+    message='--config is required (except with --mode=export)')
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -114,9 +126,17 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value == 'train':
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    else:
+    elif _MODE.value == 'eval':
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, FileNotFoundError) as e:
+    else:
+      if _CONFIG.value is not None:
+        logging.info('--mode=export exports the run as its config.json describes it; '
+                     '--config is not used')
+      manifest = export.export_run(_WORKDIR.value, _EXPORT_DIR.value, _EXPORT_K.value)
+      logging.info('Exported the %s model of %s (%s) to %s', manifest['kind'], _WORKDIR.value,
+                   manifest['source']['checkpoint'],
+                   _EXPORT_DIR.value or os.path.join(_WORKDIR.value, 'export'))
+  except (ConfigError, DataError, FileNotFoundError, export.ExportError) as e:
     sys.exit(f'error: {e}')
 
 
