@@ -33,9 +33,10 @@ every route R, `topk_route_R`, its truly sliced sub-model; the loader groups
 the rows by route on the host and puts the results back in order.
 
 Each function takes a symbolic batch size (one module serves any batch),
-except with the adaptive softmax: its fast exact top-k
-(blocks.AdaptiveSoftmax.topk) sizes its buffers from the batch size, so it
-is exported once per size in the manifest's `buckets`. The loader runs every
+except with the adaptive softmax's fast exact top-k
+(blocks.AdaptiveSoftmax.topk, the default for CpRec's head): it sizes its
+buffers from the batch size, so it is exported once per size in the
+manifest's `buckets`. The loader runs every
 function on batches padded to those sizes, so each compiles a bounded number
 of times.
 
@@ -64,6 +65,7 @@ PARAMS = 'params.npz'
 ITEMS = 'items.npz'
 DEFAULT_K = 50
 BUCKETS = (1, 8, 64, 256, 1024)
+TOPK_METHODS = ('fast', 'full')  # Of the adaptive softmax, see export_run.
 ANY_BATCH = 'any'  # The `files` key of a function with a symbolic batch size.
 PAD = 0
 ROUTER = 'router'
@@ -143,10 +145,16 @@ def _sha256(path: str) -> str:
 
 # ---------------------------------------------------------------- writing ---
 def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
-               buckets: Sequence[int] = BUCKETS) -> dict[str, Any]:
+               buckets: Sequence[int] = BUCKETS, topk: str = 'fast') -> dict[str, Any]:
   """Writes the export of the run in `workdir` to `export_dir` (default
   workdir/export; an export already there is replaced) and returns its
-  manifest. Loads the run's dataset (for the raw item ids) as training does."""
+  manifest. Loads the run's dataset (for the raw item ids) as training does.
+
+  `topk` picks how an adaptive softmax finds its top k: 'fast', its exact
+  fast top-k (opens a tail only for the rows that may need it; one module
+  per bucket), or 'full', lax.top_k over its exact log-probabilities of
+  every item (one module for any batch). Other heads ignore it.
+  """
   # pylint: disable=g-import-not-at-top
   from seqcompress_jax import rundir
   from seqcompress_jax.data import load_dataset
@@ -154,6 +162,8 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
 
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
   buckets = buckets_lib.check_buckets(buckets)
+  if topk not in TOPK_METHODS:
+    raise ExportError(f'topk: expected one of {TOPK_METHODS}, got {topk!r}')
   config = rundir.read_config(workdir)
   dataset = load_dataset(config.data)
   num_items = dataset.num_items
@@ -163,15 +173,19 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
   spec = ModelSpec.from_config(config.model, num_items, dataset.item_count)
   params, checkpoint = rundir.restore_params(config, spec, workdir)
   params = jax.device_get(params)
+  fast = spec.head == 'adaptive' and topk == 'fast'
   parts = {ROUTER: params.get(ROUTER),
            'model': {key: value for key, value in params.items() if key != ROUTER}}
 
   parent = os.path.dirname(export_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.tmp-export-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's are private.
   try:
     functions = {}
-    for name, (fn, part, per_bucket, extra) in _functions(spec, num_items, k).items():
+    for name, (fn, part, per_bucket, extra) in _functions(spec, num_items, k, fast).items():
       files = {}
       for size in buckets if per_bucket else (ANY_BATCH,):
         batch = jax.export.symbolic_shape('batch')[0] if size == ANY_BATCH else size
@@ -187,7 +201,7 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
         path: np.asarray(x) for path, x in _flatten(params).items()})
     np.savez(os.path.join(tmp, ITEMS), raw_item=dataset.raw_item)
     manifest = _manifest(workdir, config, spec, params, checkpoint, num_items, k, buckets,
-                         functions, tmp)
+                         'fast' if fast else 'full', functions, tmp)
     with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2)
     _replace(tmp, export_dir)
@@ -196,9 +210,10 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
   return manifest
 
 
-def _functions(spec: Any, num_items: int, k: int) -> dict[str, tuple]:
+def _functions(spec: Any, num_items: int, k: int, fast: bool) -> dict[str, tuple]:
   """name -> (fn, its parameters ('model' or 'router'), one module per
-  bucket?, manifest extras) of every function of the export."""
+  bucket?, manifest extras) of every function of the export; `fast`: the
+  adaptive softmax's fast top-k."""
   # pylint: disable=g-import-not-at-top
   from seqcompress_jax import step as step_lib
   from seqcompress_jax.models import routing
@@ -209,9 +224,9 @@ def _functions(spec: Any, num_items: int, k: int) -> dict[str, tuple]:
   def candidates(module: Recommender, inputs: jax.Array, route: routing.Route | None,
                  n: int) -> tuple[jax.Array, jax.Array]:
     hidden = module(inputs, train=False, route=route)[:, -1]
-    if spec.head == 'adaptive':
+    if fast:
       return module.head.topk(hidden, n)  # Exact, and skips the tails it can.
-    return jax.lax.top_k(module.logits(hidden), n)
+    return jax.lax.top_k(module.logits(hidden), n)  # The adaptive head's: exact log p.
 
   def topk_fn(route: routing.Route | None) -> Callable[..., Any]:
     def topk(params: dict, items: jax.Array, exclude: jax.Array):
@@ -220,20 +235,19 @@ def _functions(spec: Any, num_items: int, k: int) -> dict[str, tuple]:
       return top_items(best, spec.num_items, num_items, k, items, exclude)
     return topk
 
-  per_bucket = spec.head == 'adaptive'  # Its top-k sizes buffers from the batch.
-  if not spec.routed:
-    return {'topk': (topk_fn(None), 'model', per_bucket, {})}
+  if not spec.routed:  # The fast top-k sizes its buffers from the batch: per bucket.
+    return {'topk': (topk_fn(None), 'model', fast, {})}
   functions = {ROUTER: (lambda params, items: step_lib.choose_routes(
       spec, {ROUTER: params}, items), ROUTER, False, {})}
   for index, route in enumerate(routing.RoutingSpace.of(spec).routes):
-    functions[f'topk_route_{index}'] = (topk_fn(route), 'model', per_bucket,
+    functions[f'topk_route_{index}'] = (topk_fn(route), 'model', fast,
                                         {'route': list(route)})
   return functions
 
 
 def _manifest(workdir: str, config: Any, spec: Any, params: dict, checkpoint: str,
-              num_items: int, k: int, buckets: tuple[int, ...], functions: dict,
-              directory: str) -> dict[str, Any]:
+              num_items: int, k: int, buckets: tuple[int, ...], topk: str,
+              functions: dict, directory: str) -> dict[str, Any]:
   results_path = os.path.join(workdir, 'results.json')
   metrics = None
   if os.path.exists(results_path):
@@ -248,6 +262,7 @@ def _manifest(workdir: str, config: Any, spec: Any, params: dict, checkpoint: st
       'source': {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint},
       'k': k, 'max_len': spec.max_len, 'num_items': num_items,
       'catalogue_size': spec.num_items, 'buckets': list(buckets),
+      'topk_method': topk,
       'platform': jax.default_backend(),
       'functions': functions,
       'signatures': SIGNATURES if spec.routed else {'topk': SIGNATURES['topk']},

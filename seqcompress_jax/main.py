@@ -3,7 +3,7 @@
   --config=configs/nextitnet.py:smoke   a preset (see the config file)
   --config.model.embed_dim=128           any field overridden
   --mode=train | eval                    eval: metrics of the workdir's best model
-  --mode=export [--export_dir=DIR] [--export_k=50]
+  --mode=export [--export_dir=DIR] [--export_k=50] [--export_topk=fast|full]
                                          a self-contained directory for serving the
                                          workdir's model (export.py; default
                                          WORKDIR/export); --config may be left out:
@@ -59,6 +59,9 @@ _EXPORT_DIR = flags.DEFINE_string('export_dir', None,
                                   'With --mode=export: where to write it (default WORKDIR/export).')
 _EXPORT_K = flags.DEFINE_integer('export_k', export.DEFAULT_K,
                                  'With --mode=export: the most items a recommendation can hold.')
+_EXPORT_TOPK = flags.DEFINE_enum(
+    'export_topk', 'fast', export.TOPK_METHODS, "With --mode=export, CpRec's adaptive "
+    'softmax: its fast exact top-k, or the top k of all its log-probabilities (export.py).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', os.environ.get('SEQCOMPRESS_DISTRIBUTED') == '1',
     'Call jax.distributed.initialize() first: one process of a multi-process run '
@@ -132,7 +135,8 @@ def main(argv: list[str]) -> None:
       if _CONFIG.value is not None:
         logging.info('--mode=export exports the run as its config.json describes it; '
                      '--config is not used')
-      manifest = export.export_run(_WORKDIR.value, _EXPORT_DIR.value, _EXPORT_K.value)
+      manifest = export.export_run(_WORKDIR.value, _EXPORT_DIR.value, _EXPORT_K.value,
+                                   topk=_EXPORT_TOPK.value)
       logging.info('Exported the %s model of %s (%s) to %s', manifest['kind'], _WORKDIR.value,
                    manifest['source']['checkpoint'],
                    _EXPORT_DIR.value or os.path.join(_WORKDIR.value, 'export'))

@@ -15,7 +15,7 @@ import pytest
 from test_canet_train import canet_config
 from test_train import REPO, tiny_config
 
-from seqcompress_jax import export, rundir, train
+from seqcompress_jax import bench_export, export, rundir, train
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.data import load_dataset
@@ -38,6 +38,9 @@ def cprec_config(root):
 
 CONFIGS = {'uncompressed': tiny_config, 'cprec': cprec_config,
            'canet': lambda root: canet_config('smoke', root)}
+# Exports: (run, export_run's topk); CpRec's adaptive softmax has two methods.
+EXPORTS = {'uncompressed': ('uncompressed', 'fast'), 'cprec': ('cprec', 'fast'),
+           'cprec-full-topk': ('cprec', 'full'), 'canet': ('canet', 'fast')}
 
 
 def saved_run(config, workdir):
@@ -93,24 +96,28 @@ def check_topk(scores, ids, full, items, exclude, k):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """kind -> (spec, params, workdir) of a saved run of each kind, exported
-  with k = K and small buckets."""
+  """EXPORTS' name -> (spec, params, export directory) of a saved run of each
+  kind, exported with k = K and small buckets (to WORKDIR/export, or for the
+  second CpRec method WORKDIR/export-full)."""
   root = tmp_path_factory.mktemp('export')
+  saved = {kind: saved_run(make(root), str(root / kind)) for kind, make in CONFIGS.items()}
   out = {}
-  for kind, make in CONFIGS.items():
-    workdir = str(root / kind)
-    spec, params = saved_run(make(root), workdir)
-    export.export_run(workdir, k=K, buckets=BUCKETS)
-    out[kind] = (spec, params, workdir)
+  for name, (kind, topk) in EXPORTS.items():
+    directory = str(root / kind / ('export' if topk == 'fast' else 'export-full'))
+    export.export_run(str(root / kind), directory, k=K, buckets=BUCKETS, topk=topk)
+    out[name] = (*saved[kind], directory)
   return out
 
 
-@pytest.mark.parametrize('kind', CONFIGS)
-def test_exported_topk_equals_the_in_process_model(runs, kind):
-  spec, params, workdir = runs[kind]
-  model = export.load(os.path.join(workdir, 'export'))
+@pytest.mark.parametrize('name', EXPORTS)
+def test_exported_topk_equals_the_in_process_model(runs, name):
+  spec, params, directory = runs[name]
+  model = export.load(directory)
+  kind, topk = EXPORTS[name]
   assert (model.kind, model.k, model.max_len, model.routed) == (kind, K, spec.max_len,
                                                                 kind == 'canet')
+  assert model.manifest['topk_method'] == ('fast' if kind == 'cprec' and topk == 'fast'
+                                           else 'full')
   # 21 rows: chunks of 16 and 5 (padded to 16); CANet's route groups use every bucket.
   items = histories(spec.num_items, spec.max_len, 21)
   full = full_scores(spec, params, items)
@@ -118,15 +125,15 @@ def test_exported_topk_equals_the_in_process_model(runs, kind):
     scores, ids = model.topk(items, exclude_history=exclude)
     assert scores.shape == ids.shape == (21, K)
     check_topk(scores, ids, full, items, exclude, K)
-  if kind == 'canet':
+  if model.routed:
     routes = model.routes(items)
     np.testing.assert_array_equal(routes, step_lib.choose_routes(spec, params, items))
     assert len(np.unique(routes)) >= 2  # The grouping by route is exercised.
 
 
 def test_export_directory_holds_what_its_manifest_says(runs):
-  spec, params, workdir = runs['cprec']
-  directory = os.path.join(workdir, 'export')
+  spec, params, directory = runs['cprec']
+  workdir = os.path.dirname(directory)
   with open(os.path.join(directory, export.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest['format_version'] == export.FORMAT_VERSION
@@ -148,14 +155,16 @@ def test_export_directory_holds_what_its_manifest_says(runs):
   np.testing.assert_array_equal(export.load(directory).raw_item,
                                 load_dataset(rundir.read_config(workdir).data).raw_item)
   # The symbolic-batch models: one module for every batch size.
-  canet = export.load(os.path.join(runs['canet'][2], 'export')).manifest['functions']
+  assert export.load(runs['cprec-full-topk'][2]).manifest['functions']['topk']['files'] == {
+      'any': 'topk.jaxexport'}
+  canet = export.load(runs['canet'][2]).manifest['functions']
   assert canet['router']['files'] == {'any': 'router.jaxexport'}
   routes = [entry['route'] for name, entry in canet.items() if name != 'router']
   assert routes == [list(r) for r in routing.RoutingSpace.of(runs['canet'][0]).routes]
 
 
 def test_export_replaces_an_old_one_and_leaves_no_temp_files(runs, tmp_path):
-  _, _, workdir = runs['uncompressed']
+  workdir = os.path.dirname(runs['uncompressed'][2])
   target = tmp_path / 'served'
   export.export_run(workdir, str(target), k=3, buckets=(4,))
   export.export_run(workdir, str(target), k=5, buckets=(4,))
@@ -164,14 +173,16 @@ def test_export_replaces_an_old_one_and_leaves_no_temp_files(runs, tmp_path):
   with pytest.raises(export.ExportError, match=r'k: expected an integer in \[1, '):
     export.export_run(workdir, str(tmp_path / 'bad'), k=0)
   assert os.listdir(tmp_path) == ['served']
+  with pytest.raises(export.ExportError, match=r"topk: expected one of \('fast', 'full'\)"):
+    export.export_run(workdir, str(tmp_path / 'bad'), topk='slow')
   with pytest.raises(FileNotFoundError, match='not a run directory'):
     export.export_run(str(tmp_path / 'nothing'))
 
 
 def test_load_needs_neither_the_model_code_nor_the_data(runs, tmp_path):
-  spec, params, workdir = runs['canet']
+  spec, params, directory = runs['canet']
   moved = tmp_path / 'elsewhere'
-  shutil.copytree(os.path.join(workdir, 'export'), moved)
+  shutil.copytree(directory, moved)
   items = histories(spec.num_items, spec.max_len, 3, seed=1)
   np.save(tmp_path / 'items.npy', items)
   script = '\n'.join([
@@ -193,17 +204,17 @@ def test_load_needs_neither_the_model_code_nor_the_data(runs, tmp_path):
 
 
 def test_mode_export_on_the_command_line(runs, tmp_path):
-  _, _, workdir = runs['uncompressed']
+  workdir = os.path.dirname(runs['cprec'][2])
   results = {'valid': {'NDCG@10': 0.25}, 'test': {'NDCG@10': 0.125}, 'steps': 1}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f)
   cmd = [sys.executable, '-m', 'seqcompress_jax.main', f'--workdir={workdir}']
   out = subprocess.run(cmd + ['--mode=export', f'--export_dir={tmp_path / "e"}',
-                              '--export_k=4'], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                              '--export_k=4', '--export_topk=full'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   manifest = export.load(str(tmp_path / 'e')).manifest
-  assert manifest['k'] == 4 and manifest['kind'] == 'uncompressed'
+  assert (manifest['k'], manifest['kind'], manifest['topk_method']) == (4, 'cprec', 'full')
   assert manifest['metrics'] == {'valid': results['valid'], 'test': results['test']}
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1 and '--config is required (except with --mode=export)' in out.stderr
@@ -222,7 +233,7 @@ def _rewrite(directory, name, data):
 
 
 def test_bad_exports_are_refused_naming_the_file_and_field(runs, tmp_path):
-  source = os.path.join(runs['uncompressed'][2], 'export')
+  source = runs['uncompressed'][2]
   with pytest.raises(export.ExportError, match='no such export directory'):
     export.load(str(tmp_path / 'missing'))
   (tmp_path / 'empty').mkdir()
@@ -264,7 +275,7 @@ def test_bad_exports_are_refused_naming_the_file_and_field(runs, tmp_path):
     export.load(directory)
   # Files of another export, with the manifest's hashes made to match.
   directory = broken('mixed')
-  with open(os.path.join(runs['cprec'][2], 'export', export.PARAMS), 'rb') as f:
+  with open(os.path.join(runs['cprec'][2], export.PARAMS), 'rb') as f:
     _rewrite(directory, export.PARAMS, f.read())
   with pytest.raises(export.ExportError, match=r'mixed/topk.jaxexport: params.npz does not '
                      'hold the parameters it takes'):
@@ -280,3 +291,23 @@ def test_bad_exports_are_refused_naming_the_file_and_field(runs, tmp_path):
     model.topk(np.full((2, 10), model.num_items, np.int32))
   with pytest.raises(ValueError, match='has no router'):
     model.routes(np.zeros((2, 10), np.int32))
+
+
+def test_bench_export_measures_every_export_side_by_side(runs, tmp_path):
+  workdirs = [os.path.dirname(runs[name][2]) for name in ('uncompressed', 'cprec')]
+  result = bench_export.run(workdirs, str(tmp_path), k=3, requests=3, batch_size=5, runs=2,
+                            topk_methods=('fast', 'full'))
+  models = result['models']
+  assert list(models) == ['uncompressed', 'cprec (fast top-k)', 'cprec (full top-k)']
+  assert [m['kind'] for m in models.values()] == ['uncompressed', 'cprec', 'cprec']
+  assert [m['programs'] for m in models.values()] == [1, len(export.BUCKETS), 1]
+  for m in models.values():
+    assert m['latency_ms']['requests'] == 3 and m['throughput']['batch_size'] == 5
+    assert 0 < m['latency_ms']['median'] <= m['latency_ms']['p90']
+    assert m['throughput']['sequences_per_s'] > 0
+  table = bench_export.format_table(models, 5).splitlines()
+  assert len(table) == 5 and table[3].startswith('| cprec (fast top-k) | cprec | ')
+  calls = []
+  seconds = bench_export.take_turns({'a': lambda i: calls.append(('a', i)),
+                                     'b': lambda i: calls.append(('b', i))}, 2)
+  assert calls == [('a', 0), ('b', 0), ('a', 1), ('b', 1)] and seconds['a'].shape == (2,)
