@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.router_dim = 32  # The router's width, heads and FFN width.
   c.model.router_heads = 4
   c.model.router_ffn_dim = 128
+  # The item tables are cut into this many equal parts (the last ones padded;
+  # padded ids are never scored): mesh.model must divide it. Fixed per run,
+  # so a checkpoint restores on any mesh.model that divides it.
+  c.model.item_shards = 1
 
   # CANet's training objective (used when the model is routed): L_SR +
   # guide_weight * L_guide + uniform_weight * L_uni + cost_weight *
@@ -218,7 +222,7 @@ def _pod(c: ml_collections.ConfigDict) -> None:
   of a TPU v4-32 (16 chips on 4 hosts) or of 8 GPUs on `data`, global
   batches of 1,024 windows (64 per chip, 128 per GPU; any power of two up to
   1,024 devices divides them), bfloat16 compute. Splitting the item tables
-  too is --config.mesh.model=K, when K divides the item ids (PAD included)."""
+  too is --config.mesh.model=K with --config.model.item_shards a multiple of K."""
   c.mesh.update(data=-1, model=1)
   c.data.update(batch_size=1024, eval_batch_size=1024)
   c.model.dtype = 'bfloat16'

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from seqcompress_jax import sharding
 from seqcompress_jax.data.dataset import PAD
 from seqcompress_jax.metrics import metrics_from_ranks
+from seqcompress_jax.models.heads import padded_size
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -68,14 +69,17 @@ def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
   `score` gives an item the same value however it is asked for.
 
   On a `mesh` (sharding.py), the batch's rows are split over `data` (as are
-  the ranks) and each chunk's items over `model`, so a device scores b / data
-  x chunk_size / model of them and no device holds a whole catalogue row.
+  the ranks) and each chunk's items over `model` (the chunk rounded up to a
+  multiple of mesh.model), so a device scores b / data x chunk_size / model
+  of them and no device holds a whole catalogue row.
   """
   if num_items < 2:
     raise ValueError(f'num_items must be >= 2 (PAD and an item), got {num_items}')
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
   chunk_size = min(chunk_size, num_items - 1)
+  if mesh is not None:
+    chunk_size = padded_size(chunk_size, mesh.shape[sharding.MODEL])
   num_chunks = -(-(num_items - 1) // chunk_size)
 
   @jax.jit

@@ -10,7 +10,9 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
+from seqcompress_jax import sharding
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.models.spec import ModelSpec
@@ -32,13 +34,23 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
-def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec,
-                   workdir: str) -> tuple[dict, str]:
+def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec, workdir: str,
+                   mesh: Mesh | None = None) -> tuple[dict, str]:
   """The run's best parameters, else those of its latest train state, and
-  which ('best (step N)' or 'latest (step N)')."""
+  which ('best (step N)' or 'latest (step N)').
+
+  Without a mesh they come whole onto this process's first device; on a
+  `mesh` they come laid out as a run lays them out there
+  (sharding.param_shardings: item tables split over `model`), each process
+  reading only its shards, whatever mesh wrote them. Raises ConfigError
+  unless mesh.model divides spec.item_shards."""
+  if mesh is not None:
+    sharding.check_item_shards(spec.item_shards, mesh.shape[sharding.MODEL])
   best = Checkpoints(os.path.join(workdir, 'best'), max_to_keep=1)
   if best.latest_step() is not None:
     like = jax.eval_shape(functools.partial(step_lib.init_params, spec, config.seed))
+    if mesh is not None:
+      like = sharding.with_shardings(like, sharding.param_shardings(mesh, like))
     params, _ = best.restore(like)
     which = f'best (step {best.latest_step()})'
     best.close()
@@ -48,6 +60,8 @@ def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec,
     raise FileNotFoundError(f'no checkpoint in {workdir}: train first (--mode=train)')
   tx = step_lib.make_optimizer(config.optim, 1)
   like = jax.eval_shape(functools.partial(step_lib.init_state, spec, tx, config.seed))
+  if mesh is not None:
+    like = sharding.with_shardings(like, sharding.state_shardings(mesh, tx, like))
   state, _ = latest.restore(like)
   which = f'latest (step {latest.latest_step()})'
   latest.close()

@@ -23,8 +23,13 @@ Under jit, XLA's SPMD partitioner splits the computation to follow: logits
 [..., V] stay split over `model` (each device computes its items' columns),
 the loss's log-sum-exp and target logit are reduced across devices, and
 evaluate.make_rank_fn splits each chunk of scored items over `model`
-(`constrain` gives the partitioner that hint). An item axis must be divisible
-by mesh.model (ConfigError otherwise).
+(`constrain` gives the partitioner that hint).
+
+Any catalogue splits: the item tables are cut into model.item_shards equal
+parts (ModelSpec.item_shards; the padding is never scored), and mesh.model
+must divide model.item_shards (ConfigError otherwise). The padding depends
+on item_shards only, not on the mesh, so a checkpoint restores onto any mesh
+whose `model` divides it.
 """
 
 from __future__ import annotations
@@ -89,8 +94,19 @@ def mesh_from_config(config: ml_collections.ConfigDict,
     if config.data[field] % data:
       raise ConfigError(f'data.{field}: expected a multiple of the {data} devices of '
                         f'mesh.data, got {config.data[field]}')
+  check_item_shards(config.model.item_shards, model)
   return jax.make_mesh((data, model), (DATA, MODEL), devices=devices,
                        axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def check_item_shards(item_shards: int, model_size: int) -> None:
+  """Raises ConfigError naming model.item_shards unless `model_size`
+  (mesh.model) divides it: each device then holds whole parts of every item
+  table, and scans its own parts (blocks.AdaptiveSoftmax._scan_tail)."""
+  if item_shards % model_size:
+    raise ConfigError(f'model.item_shards: expected a multiple of mesh.model = {model_size} '
+                      f'(the item tables are cut into model.item_shards equal parts, split '
+                      f'over mesh.model devices), got {item_shards}')
 
 
 # ---------------------------------------------------------------- params ----
@@ -102,13 +118,13 @@ def _dict_path(path: tuple) -> str:
 def param_spec(path: str, shape: tuple[int, ...], model_size: int) -> P:
   """The PartitionSpec of the parameter at `path` ('head/kernel'): its item
   axis on `model` (ITEM_AXES), else replicated. Raises ConfigError naming
-  mesh.model when `model_size` does not divide that axis."""
+  model.item_shards when `model_size` does not divide that axis."""
   for pattern, axis in ITEM_AXES:
     if pattern.fullmatch(path):
       if shape[axis] % model_size:
-        raise ConfigError(f'mesh.model: expected a divisor of the {shape[axis]} item ids of '
-                          f'{path} {tuple(shape)} (its item axis is split over mesh.model), '
-                          f'got {model_size}')
+        raise ConfigError(f'model.item_shards: the item axis of {path} {tuple(shape)} does '
+                          f'not split over mesh.model = {model_size}; expected '
+                          f'model.item_shards to be a multiple of it')
       return P(*(MODEL if i == axis else None for i in range(len(shape))))
   return P()
 
@@ -131,6 +147,13 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, state: Any) ->
                                              state['opt_state'], params,
                                              transform_non_params=lambda _: whole),
           'step': whole, 'rng': whole}
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` (a jax.eval_shape result) laid out as
+  `shardings`: a checkpoint restored onto them arrives already sharded."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

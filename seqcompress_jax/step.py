@@ -85,7 +85,9 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int) -> 
 def create_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int,
                  mesh: Mesh) -> tuple[State, Any]:
   """init_state created already sharded on `mesh` (sharding.state_shardings),
-  and its shardings."""
+  and its shardings. Raises ConfigError unless mesh.model divides
+  spec.item_shards."""
+  sharding.check_item_shards(spec.item_shards, mesh.shape[sharding.MODEL])
   return sharding.create(functools.partial(init_state, spec, tx, seed),
                          functools.partial(sharding.state_shardings, mesh, tx))
 

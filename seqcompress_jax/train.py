@@ -329,12 +329,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta['eval_s'] += time.perf_counter() - eval_start
   writer.write(meta['best_step'], 'test', _scalars(test))
   logging.info('test (best step %d): %s', meta['best_step'], _fmt(test))
+  real_params = jax.eval_shape(functools.partial(step_lib.init_params, run.spec.unpadded,
+                                                   config.seed))
   results = {
       'backbone': run.spec.backbone, 'best_step': meta['best_step'], 'steps': step,
       'epochs': step / batches.steps_per_epoch, 'stopped_early': meta['done'],
       'valid': best_meta['valid'], 'test': test,
-      'params': profiling.count_params(best_params),
-      'param_bytes': profiling.param_bytes(best_params),
+      # Without the item tables' padding (model.item_shards): the real model.
+      'params': profiling.count_params(real_params),
+      'param_bytes': profiling.param_bytes(real_params),
       'macs_per_sequence': profiling.macs(run.spec),
       'throughput': {k: _steady(throughput, k) for k in
                      ('positions_per_s', 'sequences_per_s', 'step_ms', 'gflops_per_s')},
@@ -345,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if c.compression_report:
     n = min(len(run.test), config.data.eval_batch_size)
     results['compression'] = compression.report(
-        run.spec, _example_batch(batches),
+        run.spec.unpadded, _example_batch(batches),
         {'inputs': run.test.inputs[:n], 'targets': run.test.targets[:n, None]})
     logging.info('Against the uncompressed model of the same widths:\n%s',
                  compression.format_report(results['compression']))
@@ -398,12 +401,7 @@ def _duration(seconds: float) -> str:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: validation and test metrics of the best (else latest) params."""
   run = setup(config, workdir)
-  params, which = rundir.restore_params(config, run.spec, workdir)
-  # Restored whole on this process: each of its devices takes its block of
-  # the host copy (a device-to-device put cannot reach other processes').
-  params = jax.device_get(params)
-  params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__),
-                        params, sharding.param_shardings(run.mesh, params))
+  params, which = rundir.restore_params(config, run.spec, workdir, run.mesh)
   evaluator = make_evaluator(run)
   out = {'checkpoint': which, 'valid': evaluator(params, 'valid'),
          'test': evaluator(params, 'test')}

@@ -46,9 +46,11 @@ from seqcompress_jax.checkpointing import Checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/nextitnet.py:smoke'  # NextItNet with embedding dropout: the rng must agree too.
-# A seconds-long run: 59 items, 60 ids with PAD (split 4 ways by the 1 x 4 mesh).
+# A seconds-long run: 60 items, 61 ids with PAD, the item tables padded to 64
+# rows (model.item_shards = 4) for the 1 x 4 and 2 x 2 meshes to split them.
 OVERRIDES = {
-    'data.synthetic.num_users': 120, 'data.synthetic.num_items': 64,
+    'data.synthetic.num_users': 120, 'data.synthetic.num_items': 65,
+    'model.item_shards': 4,
     'data.synthetic.mean_len': 12.0, 'data.synthetic.max_len': 30,
     'data.max_len': 10, 'data.batch_size': 16, 'data.eval_batch_size': 32,
     'model.embed_dim': 16, 'model.hidden_dim': 16, 'model.dilations': (1, 2),

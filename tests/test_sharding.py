@@ -3,6 +3,10 @@ and rank as one device does, item tables are split over `model`, no device
 ever holds a whole catalogue row, checkpoints and runs move between one device
 and a mesh, mesh configs are checked.
 
+The catalogue is odd (V = 61 ids), so no mesh splits it as it is: every
+model pads its item tables (model.item_shards = 8), and the reference is the
+unpadded model on one device.
+
 JAX fixes its device count when it starts, and the other test files run on
 one device, so the `check_*` functions run in a subprocess started with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (pytest collecting them
@@ -18,6 +22,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -28,20 +33,24 @@ import numpy as np
 import pytest
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import evaluate, sharding, train
+from seqcompress_jax import evaluate, rundir, sharding, train
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.checkpointing import Checkpoints
 from seqcompress_jax.config import ConfigError
 from seqcompress_jax.models import ModelSpec, Recommender
+from seqcompress_jax.models.blocks import AdaptiveSoftmax
 
 _SHARED = 'SEQCOMPRESS_SHARDING_TEST_DIR'  # Folder shared with the subprocess.
-V, L, B = 64, 6, 16  # V: divisible by 8, so every mesh can split the tables.
+V, L, B = 61, 6, 16  # V: odd, so no mesh splits the tables without padding.
+SHARDS = 8  # model.item_shards: item axes padded to multiples of 8 (V: to 64).
 MESHES = ((8, 1), (4, 2), (2, 4))  # (data, model).
+# Blocks [0, 9), [9, 34), [34, 61): tails of 25 and 27 items, both padded to
+# 32 (sizes no other array of these tests has, per device or whole).
+CUTOFFS = (9, 34)
 SPECS = {
     'full': dict(backbone='nextitnet', dilations=(1, 2)),
-    # Blocks [0, 16), [16, 36), [36, 64): tails of 20 and 28 items.
     'cprec': dict(backbone='nextitnet', dilations=(1, 2), embedding='block',
-                  head='adaptive', cutoffs=(16, 36), tail_capacity=(0.5, 0.5),
+                  head='adaptive', cutoffs=CUTOFFS, tail_capacity=(0.5, 0.5),
                   sharing='cross-block'),
     'canet': dict(backbone='sasrec', num_layers=2, num_heads=2, ffn_dim=32, dropout=0.2,
                   route_embed_dims=(8, 16), route_hidden_dims=(8, 16), route_depths=(1, 2),
@@ -57,30 +66,32 @@ ITEM_TABLES = {
     'canet': {'embed/embedding': 0, 'head/kernel': 1, 'head/bias': 0,
               'router/embed/embedding': 0},
 }
-# The lengths of those item axes.
-CATALOGUE = {'full': {V}, 'cprec': {20, 28}, 'canet': {V}}
+# The lengths of those item axes, unpadded and padded.
+CATALOGUE = {'full': {V, 64}, 'tied': {V, 64}, 'cprec': {25, 27, 32}, 'canet': {V, 64}}
 
 
-def make_spec(name: str) -> ModelSpec:
+def make_spec(name: str, item_shards: int = SHARDS) -> ModelSpec:
   fields = SPECS['full'] if name == 'tied' else SPECS[name]
   return ModelSpec(num_items=V, embed_dim=16, hidden_dim=16, max_len=L, tied=name == 'tied',
-                   **fields)
+                   item_shards=item_shards, **fields)
 
 
 def make_config(data: int = -1, model: int = 1) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.mesh.update(data=data, model=model)
   config.data.update(batch_size=B, eval_batch_size=B)
+  config.model.item_shards = SHARDS
   return config
 
 
 def run_config(root: str, data: int, model: int) -> ml_collections.ConfigDict:
-  """A seconds-long run of the program: 59 items, V = 60 ids with PAD."""
+  """A seconds-long run of the program: 60 items, V = 61 ids with PAD, the
+  item tables padded to 64 (model.item_shards = 4)."""
   config = config_lib.apply_presets(config_lib.base_config(), 'smoke')
   config.data.cache_dir = os.path.join(root, 'cache')
-  config.data.synthetic.update(num_users=120, num_items=64, mean_len=12.0, max_len=30)
+  config.data.synthetic.update(num_users=120, num_items=65, mean_len=12.0, max_len=30)
   config.data.update(max_len=10, batch_size=16, eval_batch_size=32)
-  config.model.update(embed_dim=16, hidden_dim=16, dilations=(1, 2))
+  config.model.update(embed_dim=16, hidden_dim=16, dilations=(1, 2), item_shards=4)
   config.train.update(max_steps=6, eval_every_steps=3, log_every_steps=3)
   config.mesh.update(data=data, model=model)
   return config
@@ -110,6 +121,20 @@ def windows(seed: int) -> dict[str, np.ndarray]:
 
 def leaves(tree) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def unpad(tree, like):
+  """The arrays of `tree` (a padded model's parameters, or state) cut to the
+  shapes of `like`'s (the unpadded model's), after checking that what is cut
+  off is zero: the padding never trains."""
+  def cut(x, y):
+    x, inside = np.asarray(x), tuple(slice(0, n) for n in np.shape(y))
+    padded = np.zeros_like(x)
+    padded[inside] = x[inside]
+    np.testing.assert_array_equal(padded, x)
+    return x[inside]
+
+  return jax.tree.map(cut, tree, like)
 
 
 def save(directory: str, state, meta: dict) -> None:
@@ -165,11 +190,17 @@ def check_mesh_config_errors_name_the_field(shared_dir):
     sharding.mesh_from_config(config)
   assert make_mesh(-1, 2).shape == {'data': 4, 'model': 2}
   assert make_mesh(1, -1).shape == {'data': 1, 'model': 8}
-  # An item table whose item axis does not split evenly.
-  spec = ModelSpec(num_items=V - 2, backbone='nextitnet', embed_dim=16, hidden_dim=16,
-                   max_len=L, dilations=(1, 2))
-  with pytest.raises(ConfigError, match='^mesh.model: .* 62 .*embed/embedding'):
-    step_lib.create_state(spec, optimizer(), 0, make_mesh(2, 4))
+  # mesh.model must divide model.item_shards, wherever the two meet.
+  config = make_config(2, 4)
+  config.model.item_shards = 6
+  with pytest.raises(ConfigError, match='^model.item_shards: .* mesh.model = 4'):
+    sharding.mesh_from_config(config)
+  with pytest.raises(ConfigError, match='^model.item_shards: .* mesh.model = 4'):
+    step_lib.create_state(make_spec('full', item_shards=2), optimizer(), 0, make_mesh(2, 4))
+  # An item table whose item axis does not split evenly (V = 61, not padded).
+  unpadded = jax.eval_shape(functools.partial(step_lib.init_params, make_spec('full', 1), 0))
+  with pytest.raises(ConfigError, match=r'^model.item_shards: .*embed/embedding \(61, 16\)'):
+    sharding.param_shardings(make_mesh(2, 4), unpadded)
 
 
 def _path(key_path) -> str:
@@ -189,17 +220,22 @@ def check_item_tables_are_split_over_model(shared_dir):
       assert specs == expected, name
 
 
-def assert_layout(state, tables: dict[str, int], model: int) -> None:
+def assert_params_layout(params, tables: dict[str, int], model: int) -> None:
   """Every device holds 1/model of each item table along its item axis and
-  the whole of every other parameter; Adam's statistics are laid out like
-  their parameters, its count replicated."""
+  the whole of every other parameter."""
   def check(key_path, x):
     shape = list(x.shape)
     if _path(key_path) in tables:
       shape[tables[_path(key_path)]] //= model
     assert all(list(s.data.shape) == shape for s in x.addressable_shards), key_path
 
-  jax.tree_util.tree_map_with_path(check, state['params'])
+  jax.tree_util.tree_map_with_path(check, params)
+
+
+def assert_layout(state, tables: dict[str, int], model: int) -> None:
+  """assert_params_layout, and Adam's statistics are laid out like their
+  parameters, its count replicated."""
+  assert_params_layout(state['params'], tables, model)
   adam = state['opt_state'][1][0]
   for moments in (adam.mu, adam.nu):
     jax.tree.map(assert_same_layout, moments, state['params'])
@@ -268,17 +304,20 @@ def _steps(spec: ModelSpec, mesh=None) -> tuple:
 
 
 @pytest.mark.parametrize('name, meshes', [('full', MESHES), ('cprec', MESHES),
-                                          ('canet', ((2, 4),))])
+                                          ('tied', ((2, 4),)), ('canet', ((2, 4),))])
 def check_sharded_train_step_matches_one_device(shared_dir, name, meshes):
+  # Against the unpadded model on one device: the padded model on one device
+  # (mesh None), then on the meshes.
   spec = make_spec(name)
-  expected_state, expected_losses, _ = _steps(spec)
-  for data, model in meshes:
-    state, losses, step = _steps(spec, make_mesh(data, model))
+  expected_state, expected_losses, _ = _steps(spec.unpadded)
+  for mesh, model in [(None, 1)] + [(make_mesh(data, model), model) for data, model in meshes]:
+    state, losses, step = _steps(spec, mesh)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
     assert int(state['step']) == 2
-    assert_close(state['params'], expected_state['params'], steps=2)
-    assert_close(state['opt_state'], expected_state['opt_state'], steps=2)
-    assert_layout(state, ITEM_TABLES[name], model)
+    for part in ('params', 'opt_state'):
+      assert_close(unpad(state[part], expected_state[part]), expected_state[part], steps=2)
+    if mesh is not None:
+      assert_layout(state, ITEM_TABLES[name], model)
     if model > 1:
       assert_no_catalogue_row(step, CATALOGUE[name], model)
 
@@ -305,26 +344,35 @@ def brute_force_ranks(logits: np.ndarray, batch: dict[str, np.ndarray],
   return np.array(above), np.array(near)
 
 
+def rank_fn_of(spec: ModelSpec, mesh=None) -> evaluate.RankFn:
+  """Full ranking of `spec`, history excluded, 18 items a chunk (on a mesh
+  rounded up to a multiple of mesh.model: 20 on 2x4): the 60 items in 3 or 4
+  chunks, the last one part padding."""
+  model_ = Recommender(spec)
+  return evaluate.make_rank_fn(functools.partial(step_lib.last_state, model_),
+                               functools.partial(step_lib.item_scores, model_), V, 18,
+                               exclude_history=True, mesh=mesh)
+
+
 @pytest.mark.parametrize('name', ['full', 'cprec'])
 def check_sharded_ranks_match_one_device(shared_dir, name):
   spec = make_spec(name)
-  model_ = Recommender(spec)
-  encode = functools.partial(step_lib.last_state, model_)
-  score = functools.partial(step_lib.item_scores, model_)
-  params = step_lib.init_params(spec, 0)
+  params, unpadded = step_lib.init_params(spec, 0), step_lib.init_params(spec.unpadded, 0)
+  unpad(params, unpadded)  # The padded model starts where the unpadded one does.
   batches = [rank_inputs(seed) for seed in (1, 2)]
-  # 24 items a chunk: the 63 items in 3 chunks, the last one part padding.
-  single = evaluate.make_rank_fn(encode, score, V, 24, exclude_history=True)
-  expected = [np.asarray(single(params, batch)) for batch in batches]
+  expected = [np.asarray(rank_fn_of(spec.unpadded)(unpadded, batch)) for batch in batches]
+  model_ = Recommender(spec.unpadded)
   logits = jax.jit(lambda p, x: model_.apply({'params': p}, x, method=lambda m, x: m.logits(
       m(x, train=False)[:, -1])))
   for batch, ranks in zip(batches, expected):  # Against brute force, as a reference.
-    above, near = brute_force_ranks(np.asarray(logits(params, batch['inputs'])), batch, 1e-5)
+    above, near = brute_force_ranks(np.asarray(logits(unpadded, batch['inputs'])), batch, 1e-5)
     assert np.all(above <= ranks) and np.all(ranks <= above + near)
+    # The padded model on one device.
+    np.testing.assert_array_equal(rank_fn_of(spec)(params, batch), ranks)
   for data, model in MESHES:
     mesh = make_mesh(data, model)
     sharded_params = jax.device_put(params, sharding.param_shardings(mesh, params))
-    rank_fn = evaluate.make_rank_fn(encode, score, V, 24, exclude_history=True, mesh=mesh)
+    rank_fn = rank_fn_of(spec, mesh)
     for batch, ranks in zip(batches, expected):
       batch = sharding.global_batch(mesh, batch)
       sharded = rank_fn(sharded_params, batch)
@@ -333,6 +381,37 @@ def check_sharded_ranks_match_one_device(shared_dir, name):
     if model > 1:
       assert_no_catalogue_row(jax.jit(rank_fn).lower(sharded_params, batch).compile(),
                               CATALOGUE[name], model)
+
+
+def check_tail_passes_scan_each_device_s_own_items(shared_dir):
+  # The adaptive softmax's tail passes (prepare's normalisers, topk) over
+  # tails of several chunks: its 8 parts of 3 and 4 items (one item a step)
+  # split over `model`, against log_probs of the unpadded head on one device.
+  kwargs = dict(num_items=V, features=16, cutoffs=CUTOFFS, widths=(16, 8, 4))
+  head = AdaptiveSoftmax(**kwargs, norm_chunk=SHARDS, item_shards=SHARDS)
+  single = AdaptiveSoftmax(**kwargs)
+  hidden = jax.random.normal(jax.random.key(1), (B, 16))
+  params = head.init(jax.random.key(0), hidden, method='prepare')['params']
+  real = unpad(params, single.init(jax.random.key(0), hidden, method='prepare')['params'])
+  log_probs = single.apply({'params': real}, hidden, method='log_probs')
+  expected_norm = np.stack([  # logsumexp of each tail's logits (h Q_j) O_j.
+      jax.nn.logsumexp(np.asarray(hidden) @ real[f'tail_{j}_proj'] @ real[f'tail_{j}_out'],
+                       axis=-1) for j in (2, 3)], axis=-1)
+  expected_top = jax.lax.top_k(log_probs, 5)
+  prepare = jax.jit(lambda p, h: head.apply({'params': p['head']}, h, method='prepare'))
+  topk = jax.jit(lambda p, h: head.apply({'params': p['head']}, h, 5, method='topk'))
+  for data, model in ((4, 2), (2, 4)):
+    mesh = make_mesh(data, model)
+    sharded = jax.device_put({'head': params},
+                             sharding.param_shardings(mesh, {'head': params}))
+    batch = sharding.global_batch(mesh, hidden)
+    np.testing.assert_allclose(prepare(sharded, batch)['tail_norm'], expected_norm,
+                               rtol=1e-5)
+    scores, items = topk(sharded, batch)
+    np.testing.assert_allclose(scores, expected_top[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(items, expected_top[1])
+    for fn in (prepare, topk):  # 8 parts x top 5 = 40 candidates: no tail's size.
+      assert_no_catalogue_row(fn.lower(sharded, batch).compile(), CATALOGUE['cprec'], model)
 
 
 def check_checkpoints_move_between_one_device_and_a_mesh(shared_dir):
@@ -357,9 +436,37 @@ def check_a_run_resumes_on_another_mesh(shared_dir):
   assert train.train_and_evaluate(run_config(shared_dir, 4, 2), workdir, stop_at_step=4) == {}
   results = train.train_and_evaluate(run_config(shared_dir, 2, 4), workdir)
   assert results['steps'] == 6 and results['test']['num_examples'] == 120
-  assert results['params']['embedding'] == 60 * 16  # The vocabulary the meshes split.
+  # The real parameters: 61 ids, not the 64 rows of the padded table.
+  assert results['params']['embedding'] == V * 16
+  assert results['param_bytes'] == 4 * results['params']['total']
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:  # One evaluation per run.
     assert [r['step'] for r in map(json.loads, f) if r['split'] == 'valid'] == [3, 6]
+
+
+def check_restore_params_reads_a_run_back_sharded(shared_dir):
+  # The run check_a_run_resumes_on_another_mesh wrote (2x4; its 'best'
+  # parameters), and a copy without 'best' (its latest train state's).
+  workdir = os.path.join(shared_dir, 'run')
+  latest_only = os.path.join(shared_dir, 'run_latest_only')
+  shutil.copytree(workdir, latest_only, ignore=shutil.ignore_patterns('best'))
+  config = run_config(shared_dir, 4, 2)
+  spec = train.setup(config, workdir).spec
+  tables = {'embed/embedding': 0, 'head/kernel': 1, 'head/bias': 0}
+  for directory, which in ((workdir, 'best (step 6)'), (latest_only, 'latest (step 6)')):
+    whole, whole_which = rundir.restore_params(config, spec, directory)
+    assert whole_which == which
+    assert all(len(x.devices()) == 1 for x in jax.tree.leaves(whole))
+    for data, model in ((4, 2), (8, 1)):
+      mesh = make_mesh(data, model)
+      params, restored_which = rundir.restore_params(config, spec, directory, mesh)
+      assert restored_which == which
+      for x, expected in zip(jax.tree.leaves(params),
+                             jax.tree.leaves(sharding.param_shardings(mesh, params))):
+        assert x.sharding.is_equivalent_to(expected, x.ndim)
+      assert_params_layout(params, tables, model)
+      jax.tree.map(np.testing.assert_array_equal, params, whole)
+  with pytest.raises(ConfigError, match='^model.item_shards: .* mesh.model = 8'):
+    rundir.restore_params(config, spec, workdir, make_mesh(1, 8))  # 8 does not divide 4.
 
 
 # ---------------------------------------------------------------- this process
@@ -428,3 +535,4 @@ def test_a_run_trained_on_meshes_evaluates_the_same_on_one_device(fake_devices):
     on_mesh = json.load(f)['test']
   config = run_config(shared, -1, 1)  # --mode=eval of the run, on this one device.
   assert train.evaluate_checkpoint(config, workdir)['test'] == on_mesh
+

@@ -5,7 +5,9 @@ Cutoffs 0 < c1 < ... < cn = V split them into n blocks, block j = [c_{j-1}, c_j)
 with c0 = 0: the head block (j = 1, PAD included) and the tails j = 2..n. Block
 j has width d_j = max(1, d // factor^(j-1)), or explicit widths with d_1 = d:
 frequent items get wide vectors, rare ones narrow. The same cutoffs and widths
-serve the input and the output side; the two are never tied.
+serve the input and the output side; the two are never tied. With
+`item_shards` > 1 each tail's table is padded along its item axis to a
+multiple of it (heads.padded_size), as the full tables are.
 
   cutoffs = cutoffs_from_mass(item_count, (0.6, 0.85))  # Or check_cutoffs((7000, 15000), V).
   widths = block_widths(dim, len(cutoffs))
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from seqcompress_jax.models.heads import PAD_LOGIT
+from seqcompress_jax.models.heads import PAD_LOGIT, mask_padding, padded_init, padded_size
 
 TABLE_INIT = nn.initializers.normal(stddev=0.02)
 # Variance 1 / fan_in: a tail embedding E_j[v] @ P_j keeps the 0.02 scale of the
@@ -183,7 +185,7 @@ class BlockEmbedding(nn.Module):
 
   Parameters: `head` [c1, dim] (PAD's row included; the backbones zero PAD
   positions themselves) and, for each tail j = 2..n, `tail_{j}_table`
-  [c_j - c_{j-1}, d_j] and `tail_{j}_proj` [d_j, dim] (no bias);
+  [c_j - c_{j-1} (+ padding), d_j] and `tail_{j}_proj` [d_j, dim] (no bias);
   emb(v) = tail_{j}_table[v - c_{j-1}] @ tail_{j}_proj. Every block is looked
   up for every id with a clipped gather and selected by mask (static shapes),
   so each tail costs d_j * dim MACs per id. A `width` < dim (a CANet route)
@@ -195,6 +197,7 @@ class BlockEmbedding(nn.Module):
   cutoffs: tuple[int, ...]  # As check_cutoffs accepts.
   widths: tuple[int, ...]  # One per block, widths[0] == dim.
   dtype: DTypeLike = jnp.float32
+  item_shards: int = 1  # Tail tables padded to a multiple of it.
 
   def setup(self):
     cutoffs = check_cutoffs(self.cutoffs, self.num_items)
@@ -202,7 +205,8 @@ class BlockEmbedding(nn.Module):
     self.bounds = _bounds(cutoffs)
     self.head = self.param('head', TABLE_INIT, (cutoffs[0], self.dim), jnp.float32)
     tails = list(enumerate(zip(self.bounds[1:], widths[1:]), start=2))
-    self.tables = [self.param(f'tail_{j}_table', TABLE_INIT, (upper - lower, width),
+    self.tables = [self.param(f'tail_{j}_table', padded_init(TABLE_INIT, upper - lower, 0),
+                              (padded_size(upper - lower, self.item_shards), width),
                               jnp.float32) for j, ((lower, upper), width) in tails]
     self.projs = [self.param(f'tail_{j}_proj', PROJ_INIT, (width, self.dim), jnp.float32)
                   for j, (_, width) in tails]
@@ -242,7 +246,8 @@ class AdaptiveSoftmax(nn.Module):
   Parameters (no biases): `head` W_h [H, c1 + n - 1], the logits of the c1
   head ids and then of one cluster token per tail (block j's at c1 + j - 2);
   for each tail j = 2..n, `tail_{j}_proj` Q_j [H, d_j] and `tail_{j}_out`
-  O_j [d_j, c_j - c_{j-1}]. log p(v) = log_softmax(h @ W_h)[v] for a head id,
+  O_j [d_j, c_j - c_{j-1} (+ padding to a multiple of `item_shards`)].
+  log p(v) = log_softmax(h @ W_h)[v] for a head id,
   log_softmax(h @ W_h)[cluster_j] + log_softmax((h @ Q_j) @ O_j)[v - c_{j-1}]
   for an id of tail j. PAD gets no probability: its head logit is masked, and
   wherever log-probabilities are returned it is at heads.PAD_LOGIT.
@@ -264,6 +269,9 @@ class AdaptiveSoftmax(nn.Module):
   # Per tail, the share of positions whose tail loss nll computes (see nll);
   # () = every position.
   capacity: tuple[float, ...] = ()
+  # Tail outputs padded to a multiple of it; the tail passes scan each of
+  # these equal parts of a tail on its own (_scan_tail).
+  item_shards: int = 1
 
   def setup(self):
     cutoffs = check_cutoffs(self.cutoffs, self.num_items)
@@ -274,7 +282,8 @@ class AdaptiveSoftmax(nn.Module):
     tails = list(enumerate(zip(self.bounds[1:], widths[1:]), start=2))
     self.projs = [self.param(f'tail_{j}_proj', PROJ_INIT, (self.features, width),
                              jnp.float32) for j, (_, width) in tails]
-    self.outs = [self.param(f'tail_{j}_out', PROJ_INIT, (width, upper - lower), jnp.float32)
+    self.outs = [self.param(f'tail_{j}_out', padded_init(PROJ_INIT, upper - lower, 1),
+                            (width, padded_size(upper - lower, self.item_shards)), jnp.float32)
                  for j, ((lower, upper), width) in tails]
 
   def __call__(self, hidden: jax.Array, table: jax.Array | None = None) -> jax.Array:
@@ -467,60 +476,77 @@ class AdaptiveSoftmax(nn.Module):
     return jax.nn.log_softmax(logits.at[..., 0].set(PAD_LOGIT), axis=-1)
 
   def _tail_logits(self, hidden: jax.Array, tail: int) -> jax.Array:
+    """Logits [..., size + padding] of tail `tail`'s items, the padding at PAD_LOGIT."""
+    lower, upper = self.bounds[tail]
     low = self._einsum('...h,hd->...d', hidden, self.projs[tail - 1])
-    return self._einsum('...d,dv->...v', low, self.outs[tail - 1])
+    return mask_padding(self._einsum('...d,dv->...v', low, self.outs[tail - 1]), upper - lower)
 
   def _scan_tail(self, hidden: jax.Array, tail: int, fn, init):
-    """Folds fn(carry, logits [B, chunk], start) over the tail's items,
-    `norm_chunk` at a time, `start` being the chunk's first local id (the last
-    chunk padded with logits -inf): memory O(B * norm_chunk) whatever the
-    tail's size, and a chunk's logits stay in cache."""
+    """Folds fn(carry, logits [B, S, chunk], first [S]) over the tail's items.
+
+    The tail's (padded) item axis is S = item_shards equal parts, as a mesh
+    splits it over `model`; each step takes the next `chunk` items of every
+    part (S * chunk ~ norm_chunk items, at least one a part), `first`
+    being their first local ids, so that a device scans only its own parts
+    and no tail row is gathered. Logits beyond the tail or a part's end are
+    -inf. Memory O(B * norm_chunk) whatever the tail's size, and a chunk's
+    logits stay in cache."""
+    lower, upper = self.bounds[tail]
     low = self._einsum('bh,hd->bd', hidden, self.projs[tail - 1])
     out = self.outs[tail - 1]
-    width, size = out.shape
-    chunk = min(self.norm_chunk, size)  # A small tail is one chunk, not padded.
-    num_chunks = -(-size // chunk)
-    padded = jnp.pad(out, ((0, 0), (0, num_chunks * chunk - size)))
-    chunks = padded.reshape(width, num_chunks, chunk).transpose(1, 0, 2)
+    width, shards = out.shape[0], self.item_shards
+    part = out.shape[1] // shards
+    chunk = min(part, max(1, self.norm_chunk // shards))  # A small part is one chunk.
+    num_chunks = -(-part // chunk)
+    parts = jnp.pad(out.reshape(width, shards, part),
+                    ((0, 0), (0, 0), (0, num_chunks * chunk - part)))
+    chunks = parts.reshape(width, shards, num_chunks, chunk).transpose(2, 0, 1, 3)
+    part_first = jnp.arange(shards, dtype=jnp.int32) * part
 
     def step(carry, index_and_weights):
       index, weights = index_and_weights
-      start = index * chunk
-      inside = start + jnp.arange(chunk, dtype=jnp.int32) < size
-      logits = jnp.where(inside, self._einsum('bd,dc->bc', low, weights), -jnp.inf)
-      return fn(carry, logits, start), None
+      offset = index * chunk + jnp.arange(chunk, dtype=jnp.int32)  # Within a part.
+      inside = (offset < part) & (part_first[:, None] + offset < upper - lower)
+      logits = jnp.where(inside, self._einsum('bd,dsc->bsc', low, weights), -jnp.inf)
+      return fn(carry, logits, part_first + index * chunk), None
 
     indices = jnp.arange(num_chunks, dtype=jnp.int32)
     return jax.lax.scan(step, init, (indices, chunks))[0]
 
   def _tail_log_norm(self, hidden: jax.Array, tail: int) -> jax.Array:
     """hidden [B, H] -> logsumexp [B] of the tail's logits, chunk by chunk."""
-    return self._scan_tail(
+    norms = self._scan_tail(
         hidden, tail, lambda norm, logits, _: jnp.logaddexp(
             norm, jax.nn.logsumexp(logits, axis=-1)),
-        jnp.full(hidden.shape[:1], -jnp.inf))
+        jnp.full((hidden.shape[0], self.item_shards), -jnp.inf))
+    return jax.nn.logsumexp(norms, axis=-1)
 
   def _tail_top(self, hidden: jax.Array, tail: int, k: int) -> tuple[jax.Array, jax.Array]:
     """The top k [B, k] of log p(item | cluster) within the tail and their
-    local ids, in one pass over its items, chunk by chunk."""
+    local ids, in one pass over its items, chunk by chunk: the top k of each
+    part, then of their union."""
 
-    def merge(carry, logits, start):
+    def merge(carry, logits, first):
       norm, best, best_ids = carry
-      best, index = jax.lax.top_k(jnp.concatenate([best, logits], axis=1), k)
-      kept = jnp.take_along_axis(best_ids, jnp.minimum(index, k - 1), axis=1)
-      best_ids = jnp.where(index < k, kept, start + index - k)
+      best, index = jax.lax.top_k(jnp.concatenate([best, logits], axis=-1), k)
+      kept = jnp.take_along_axis(best_ids, jnp.minimum(index, k - 1), axis=-1)
+      best_ids = jnp.where(index < k, kept, first[:, None] + index - k)
       return jnp.logaddexp(norm, jax.nn.logsumexp(logits, axis=-1)), best, best_ids
 
-    batch = hidden.shape[0]
+    batch, shards = hidden.shape[0], self.item_shards
     norm, best, ids = self._scan_tail(
-        hidden, tail, merge, (jnp.full((batch,), -jnp.inf), jnp.full((batch, k), -jnp.inf),
-                              jnp.zeros((batch, k), jnp.int32)))
-    return best - norm[:, None], ids
+        hidden, tail, merge, (jnp.full((batch, shards), -jnp.inf),
+                              jnp.full((batch, shards, k), -jnp.inf),
+                              jnp.zeros((batch, shards, k), jnp.int32)))
+    best, index = jax.lax.top_k(best.reshape(batch, shards * k), k)
+    ids = jnp.take_along_axis(ids.reshape(batch, shards * k), index, axis=-1)
+    return best - jax.nn.logsumexp(norm, axis=-1)[:, None], ids
 
   def _tail_log_probs(self, hidden: jax.Array, tail: int) -> jax.Array:
     """log p(item | cluster) [..., size] within tail `tail`, as score computes it."""
+    lower, upper = self.bounds[tail]
     logits = self._tail_logits(hidden, tail)
-    return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return (logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))[..., :upper - lower]
 
   def _einsum(self, equation: str, x: jax.Array, weight: jax.Array) -> jax.Array:
     """x's last axis contracted with weight's first, of which the first

@@ -5,6 +5,11 @@ tied (passed in at call time; the head then stores only `bias`). PAD (id 0)
 is never a prediction: its logit is PAD_LOGIT wherever logits or scores are
 returned.
 
+Item tables may be padded along their item axis (ModelSpec.item_shards: cut
+into that many equal parts, so that a device mesh can split them): the
+padding starts at zero (`padded_init`), its logits are PAD_LOGIT inside the
+loss (`mask_padding`), and nothing returned includes it.
+
 The sampled softmax draws S negatives per step, shared by every position,
 from a proposal Q over items 1..V-1 (with replacement), subtracts log(S Q(i))
 from every logit it uses, the target's included (Jean et al., 2015; Bengio
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,40 @@ from jax.typing import DTypeLike
 
 # Finite, so that masked entries keep finite gradients and 0 * PAD_LOGIT = 0.
 PAD_LOGIT = -1e30
+
+
+Initializer = Callable[..., jax.Array]
+
+
+def padded_size(size: int, shards: int) -> int:
+  """`size` rounded up to a multiple of `shards`: the length of an item axis
+  of `size` items cut into `shards` equal parts, the last ones padded."""
+  return -(-size // shards) * shards
+
+
+def padded_init(init: Initializer, size: int, axis: int) -> Initializer:
+  """`init` for a table whose `axis` may be padded beyond `size` items: the
+  first `size` entries are what `init` draws for the unpadded table (so a
+  padded model starts where the unpadded one does), the padding zeros."""
+
+  def padded(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+             ) -> jax.Array:
+    real = list(shape)
+    real[axis] = size
+    values = init(key, tuple(real), dtype)
+    widths = [(0, 0)] * len(shape)
+    widths[axis] = (0, shape[axis] - size)
+    return jnp.pad(values, widths)
+
+  return padded
+
+
+def mask_padding(logits: jax.Array, size: int) -> jax.Array:
+  """logits [..., N] with the padding beyond the first `size` items at
+  PAD_LOGIT (unchanged when N == size)."""
+  if logits.shape[-1] == size:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < size, logits, PAD_LOGIT)
 
 
 def popularity_log_probs(log_q: jax.Array) -> jax.Array:
@@ -89,34 +130,43 @@ def sampled_softmax_nll(target_logit: jax.Array, negative_logits: jax.Array,
 
 
 class FullSoftmax(nn.Module):
-  """Logits over all V items, trained with the exact cross-entropy."""
+  """Logits over all V items, trained with the exact cross-entropy.
+
+  The item axis of `kernel` and `bias` (and of a tied table) is padded to a
+  multiple of `item_shards` (padded_size)."""
   num_items: int
   features: int
   tied: bool = False
   dtype: DTypeLike = jnp.float32
+  item_shards: int = 1
 
   def setup(self):
+    size = padded_size(self.num_items, self.item_shards)
     if not self.tied:
-      self.kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                               (self.features, self.num_items), jnp.float32)
-    self.bias = self.param('bias', nn.initializers.zeros, (self.num_items,),
-                           jnp.float32)
+      self.kernel = self.param(
+          'kernel', padded_init(nn.initializers.lecun_normal(), self.num_items, 1),
+          (self.features, size), jnp.float32)
+    self.bias = self.param('bias', nn.initializers.zeros, (size,), jnp.float32)
 
   def __call__(self, hidden: jax.Array,
                table: jax.Array | None = None) -> jax.Array:
     """hidden [..., H] -> float32 logits [..., V], PAD at PAD_LOGIT.
 
-    `table` is the [V, H] input embedding table, required iff tied. Hidden
+    `table` is the input embedding table [V + padding, H], required iff tied. Hidden
     states narrower than `features` (a CANet route) use the weights' first
     hidden.shape[-1] features, here and in every method below.
     """
+    return self._padded_logits(hidden, table)[..., :self.num_items]
+
+  def _padded_logits(self, hidden: jax.Array, table: jax.Array | None) -> jax.Array:
+    """Logits [..., V + padding], PAD and the padding at PAD_LOGIT."""
     width = hidden.shape[-1]
     if self.tied:
       weight, equation = table[:, :width], '...h,vh->...v'
     else:
       weight, equation = self.kernel[:width], '...h,hv->...v'
     logits = self._einsum(equation, hidden, weight) + self.bias
-    return logits.at[..., 0].set(PAD_LOGIT)
+    return mask_padding(logits, self.num_items).at[..., 0].set(PAD_LOGIT)
 
   def score(self, hidden: jax.Array, items: jax.Array,
             table: jax.Array | None = None) -> jax.Array:
@@ -130,7 +180,7 @@ class FullSoftmax(nn.Module):
           log_q: jax.Array | None = None) -> jax.Array:
     """Exact cross-entropy [...] of targets [...]; 0 where targets == 0."""
     del log_q  # Unused: no proposal.
-    logits = self(hidden, table)
+    logits = self._padded_logits(hidden, table)  # Split over `model` when sharded.
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return jnp.where(targets > 0, nll, 0.0)

@@ -20,12 +20,20 @@ import jax.numpy as jnp
 
 from seqcompress_jax.models import routing
 from seqcompress_jax.models.blocks import AdaptiveSoftmax, BlockEmbedding
-from seqcompress_jax.models.heads import FullSoftmax, SampledSoftmax
+from seqcompress_jax.models.heads import FullSoftmax, SampledSoftmax, padded_init, padded_size
 from seqcompress_jax.models.nextitnet import NextItNet
 from seqcompress_jax.models.sasrec import SASRec
 from seqcompress_jax.models.spec import ModelSpec
 
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def item_embedding(spec: ModelSpec, features: int, **kwargs) -> nn.Embed:
+  """An item embedding [V + padding, features] (spec.item_shards; the padded
+  rows start at zero and no id looks them up)."""
+  return nn.Embed(padded_size(spec.num_items, spec.item_shards), features,
+                  dtype=spec.compute_dtype,
+                  embedding_init=padded_init(EMBED_INIT, spec.num_items, 0), **kwargs)
 
 
 class Recommender(nn.Module):
@@ -36,16 +44,16 @@ class Recommender(nn.Module):
     s = self.spec
     if s.embedding == 'block':
       self.embed = BlockEmbedding(s.num_items, s.embed_dim, s.cutoffs, s.block_widths,
-                                  dtype=s.compute_dtype)
+                                  dtype=s.compute_dtype, item_shards=s.item_shards)
     else:
-      self.embed = nn.Embed(s.num_items, s.embed_dim, dtype=s.compute_dtype,
-                            embedding_init=EMBED_INIT)
+      self.embed = item_embedding(s, s.embed_dim)
     self.backbone = {'nextitnet': NextItNet, 'sasrec': SASRec}[s.backbone](s)
     head_args = dict(num_items=s.num_items, features=s.hidden_dim, tied=s.tied,
-                     dtype=s.compute_dtype)
+                     dtype=s.compute_dtype, item_shards=s.item_shards)
     if s.head == 'adaptive':
       self.head = AdaptiveSoftmax(s.num_items, s.hidden_dim, s.cutoffs, s.block_widths,
-                                  dtype=s.compute_dtype, capacity=s.tail_capacity)
+                                  dtype=s.compute_dtype, capacity=s.tail_capacity,
+                                  item_shards=s.item_shards)
     elif s.head == 'sampled':
       self.head = SampledSoftmax(num_samples=s.num_samples, sampler=s.sampler,
                                  **head_args)
@@ -95,7 +103,7 @@ class Recommender(nn.Module):
     return self.head(hidden, self._table())
 
   def _table(self) -> jax.Array | None:
-    """The output weight [V, H] when tied, else None."""
+    """The output weight [V + padding, H] when tied, else None."""
     return self.embed.embedding if self.spec.tied else None
 
 

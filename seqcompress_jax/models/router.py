@@ -18,7 +18,7 @@ import numpy as np
 
 from seqcompress_jax import buckets as buckets_lib
 from seqcompress_jax.models import routing
-from seqcompress_jax.models.model import EMBED_INIT, Recommender
+from seqcompress_jax.models.model import Recommender, item_embedding
 from seqcompress_jax.models.sasrec import LN_EPSILON, POSITION_INIT, TransformerLayer
 from seqcompress_jax.models.spec import ModelSpec
 
@@ -50,8 +50,7 @@ class Router(nn.Module):
     s, block = self.spec, block_spec(self.spec)
     dtype = s.compute_dtype
     length = inputs.shape[1]
-    x = nn.Embed(s.num_items, s.router_dim, dtype=dtype, embedding_init=EMBED_INIT,
-                 name='embed')(inputs)
+    x = item_embedding(s, s.router_dim, name='embed')(inputs)
     positions = self.param('pos_embed', POSITION_INIT, (s.max_len, s.router_dim),
                            jnp.float32)
     x = x + positions[:length].astype(dtype)

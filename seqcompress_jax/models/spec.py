@@ -74,6 +74,11 @@ class ModelSpec:
   router_dim: int = 32
   router_heads: int = 4
   router_ffn_dim: int = 128
+  # The item tables' item axes (sharding.ITEM_AXES: input embeddings, softmax
+  # kernel and bias, block tails) are cut into this many equal parts, padded
+  # at the end (heads.padded_size), so that mesh.model, a divisor of it, can
+  # split them whatever V. Padded ids are never scored, ranked or returned.
+  item_shards: int = 1
 
   def __post_init__(self):
     for name in ('dilations',) + ROUTE_FIELDS:
@@ -84,7 +89,7 @@ class ModelSpec:
                        f'got {self.num_items!r}')
     sizes = ['embed_dim', 'hidden_dim', 'max_len', 'kernel_size', 'num_layers',
              'num_heads', 'ffn_dim', 'num_samples', 'router_dim', 'router_heads',
-             'router_ffn_dim']
+             'router_ffn_dim', 'item_shards']
     checks = [(name, _is_positive_int(getattr(self, name)), 'a positive integer')
               for name in sizes]
     checks += [
@@ -159,6 +164,12 @@ class ModelSpec:
   @property
   def uses_blocks(self) -> bool:
     return self.embedding == 'block' or self.head == 'adaptive'
+
+  @property
+  def unpadded(self) -> ModelSpec:
+    """The same model without padding (item_shards = 1): its parameters are
+    the real ones, e.g. for counting them."""
+    return dataclasses.replace(self, item_shards=1)
 
   @property
   def routed(self) -> bool:
