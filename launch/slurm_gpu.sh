@@ -87,21 +87,21 @@ set_option() {  # set_option --flag VALUE
   esac
 }
 
-while (($#)); do
+set_switch() {  # set_switch --flag
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
     --per-node) PER_NODE=1 ;;
-    --) shift; MAIN_FLAGS=("$@"); break ;;
-    --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-    --*)
-      (($# >= 2)) || fail_usage "$1 needs a value"
-      set_option "$1" "$2"
-      shift ;;
-    *) fail_usage "unexpected argument $1 (flags for the program go after --)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+
+set_positional() { fail_usage "unexpected argument $1 (flags for the program go after --)"; }
+
+# Inside the job sbatch runs a spool copy of this script, in the repository (--chdir).
+here=$(dirname "${BASH_SOURCE[0]}")
+[[ -f $here/common.sh ]] || here=launch
+source "$here/common.sh"
+
+parse_args "$@"
 
 [[ -n $WORKDIR ]] || fail_usage 'no workdir: --workdir or WORKDIR (shared by every node)'
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || fail_usage "--nodes: expected a positive integer, got $NODES"
@@ -112,11 +112,6 @@ done
 [[ $WORKDIR == /* ]] || WORKDIR=$PWD/$WORKDIR
 LOG_DIR=${LOG_DIR:-$WORKDIR/logs}
 [[ $LOG_DIR == /* ]] || LOG_DIR=$PWD/$LOG_DIR
-
-# Inside the job sbatch runs a spool copy of this script, in the repository (--chdir).
-here=$(dirname "${BASH_SOURCE[0]}")
-[[ -f $here/common.sh ]] || here=launch
-source "$here/common.sh"
 
 if ((PER_NODE)); then
   TASKS_PER_NODE=1

@@ -86,22 +86,16 @@ set_option() {  # set_option --flag VALUE
   esac
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; MAIN_FLAGS=("$@"); break ;;
-    --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-    --*)
-      (($# >= 2)) || fail_usage "$1 needs a value"
-      set_option "$1" "$2"
-      shift ;;
-    *)
-      [[ -z $COMMAND ]] || fail_usage "one command at a time (got $COMMAND and $1)"
-      COMMAND=$1 ;;
-  esac
-  shift
-done
+set_switch() { return 1; }  # No switches but --dry-run.
+
+set_positional() {  # The command.
+  [[ -z $COMMAND ]] || fail_usage "one command at a time (got $COMMAND and $1)"
+  COMMAND=$1
+}
+
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+parse_args "$@"
 
 [[ -n $COMMAND ]] || fail_usage 'no command'
 [[ " $COMMANDS " == *" $COMMAND "* ]] || fail_usage "unknown command $COMMAND"
@@ -111,8 +105,6 @@ if [[ $COMMAND == start || $COMMAND == up ]]; then
   [[ -n $WORKDIR ]] || fail_usage 'no workdir: --workdir or WORKDIR (shared by every worker)'
 fi
 LOG_DIR=${LOG_DIR:-logs/$TPU_NAME}
-
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 TPU=(gcloud compute tpus tpu-vm)
 WHERE=("--zone=$ZONE")
