@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from seqcompress_jax import config as config_lib
@@ -77,6 +78,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              mesh=mesh)
 
 
+def _flatten(tree: dict) -> dict[str, Any]:
+  """{'a.b': leaf} of a nested dict."""
+  return traverse_util.flatten_dict(tree, sep='.')
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes workdir/config.json, or checks that it describes this run."""
   path = os.path.join(workdir, 'config.json')
@@ -96,16 +102,6 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           'use a new --workdir')
   if jax.process_index() == 0:
     writers.write_json(path, current)
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
 
 
 def sampler_log_q(run: Run) -> jax.Array | None:
