@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.decay_rate = 0.1  # exponential: factor reached at the last step.
   c.optim.weight_decay = 0.0  # adamw: decoupled; adam: L2 added to the loss.
   c.optim.grad_clip = 5.0  # Global norm; 0 = off.
+  # > 0: evaluate, keep and export a moving average of the parameters with
+  # this decay (step.average_params); 0 = the trained parameters themselves.
+  c.optim.ema_decay = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 60
@@ -136,6 +139,7 @@ def validate(config: ml_collections.ConfigDict, num_items: int | None = None) ->
       ('optim.decay_rate', 0 < o.decay_rate <= 1, 'a factor in (0, 1]'),
       ('optim.weight_decay', o.weight_decay >= 0, 'a number >= 0'),
       ('optim.grad_clip', o.grad_clip >= 0, 'a number >= 0 (0 = off)'),
+      ('optim.ema_decay', 0 <= o.ema_decay < 1, 'a decay in [0, 1) (0 = off)'),
       ('train.num_epochs', t.num_epochs >= 1 or t.max_steps > 0, 'an integer >= 1'),
       ('train.max_steps', t.max_steps >= 0, 'an integer >= 0'),
       ('train.log_every_steps', t.log_every_steps >= 1, 'an integer >= 1'),

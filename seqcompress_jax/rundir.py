@@ -36,8 +36,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec, workdir: str,
                    mesh: Mesh | None = None) -> tuple[dict, str]:
-  """The run's best parameters, else those of its latest train state, and
-  which ('best (step N)' or 'latest (step N)').
+  """The run's best parameters, else those of its latest train state (their
+  moving average with optim.ema_decay), and which ('best (step N)' or
+  'latest (step N)').
 
   Without a mesh they come whole onto this process's first device; on a
   `mesh` they come laid out as a run lays them out there
@@ -65,4 +66,4 @@ def restore_params(config: ml_collections.ConfigDict, spec: ModelSpec, workdir: 
   state, _ = latest.restore(like)
   which = f'latest (step {latest.latest_step()})'
   latest.close()
-  return state['params'], which
+  return step_lib.eval_params(state), which

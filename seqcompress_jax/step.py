@@ -2,7 +2,9 @@
 and CANet's routed objective.
 
 Train state is a plain dict {params, opt_state, step, rng}; the step's rng is
-`rng` folded with `step`, so that a resumed run draws the same numbers. On a
+`rng` folded with `step`, so that a resumed run draws the same numbers. With
+optim.ema_decay the optimizer state also holds a moving average of the
+parameters (`average_params`), which `eval_params` returns for evaluation. On a
 device mesh, `create_state` makes it already sharded and `jit_train_step`
 compiles the step for that layout (sharding.py). A
 routed model (CANet) keeps its router's parameters at params['router'], next
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +63,43 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
     if optim.weight_decay:
       parts.append(optax.add_decayed_weights(optim.weight_decay))
     parts.append(optax.adam(schedule))
+  if optim.ema_decay:
+    parts.append(average_params(optim.ema_decay))
   return optax.chain(*parts)
+
+
+class AverageState(NamedTuple):
+  """average_params' state: updates seen, and the parameters' moving average."""
+  count: jax.Array
+  average: Any
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+  """Passes updates through unchanged and keeps an exponential moving average
+  of the updated parameters (Polyak averaging), to be placed last in a chain.
+  The decay at update t is min(decay, (1 + t) / (10 + t)), so that the early
+  average is not dominated by the initial parameters."""
+
+  def init(params):
+    return AverageState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params):
+    count = state.count.astype(jnp.float32)
+    rate = jnp.minimum(decay, (1 + count) / (10 + count))
+    new = optax.apply_updates(params, updates)
+    average = jax.tree.map(lambda a, p: rate * a + (1 - rate) * p, state.average, new)
+    return updates, AverageState(state.count + 1, average)
+
+  return optax.GradientTransformation(init, update)
+
+
+def eval_params(state: State) -> dict:
+  """The parameters to evaluate: the moving average when the optimizer keeps
+  one (optim.ema_decay > 0), else the trained parameters."""
+  found = [s for s in jax.tree.leaves(state['opt_state'],
+                                      is_leaf=lambda x: isinstance(x, AverageState))
+           if isinstance(s, AverageState)]
+  return found[0].average if found else state['params']
 
 
 def init_params(spec: ModelSpec, seed: int) -> dict:

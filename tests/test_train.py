@@ -13,6 +13,7 @@ import pytest
 
 from seqcompress_jax import config as config_lib
 from seqcompress_jax import main as main_lib
+from seqcompress_jax import rundir
 from seqcompress_jax import step as step_lib
 from seqcompress_jax import train
 from seqcompress_jax.checkpointing import Checkpoints
@@ -73,13 +74,13 @@ def test_other_heads_and_protocols_run_end_to_end(tmp_path, variant):
     assert results['params']['output'] == vocabulary  # tied: the head keeps its bias only
 
 
-def final_state(config, workdir):
-  """The latest checkpoint of `workdir` and its JSON side-car."""
+def final_state(config, workdir, step=None):
+  """The latest checkpoint of `workdir` (or the one at `step`) and its JSON side-car."""
   run = train.setup(config, workdir)
   tx = step_lib.make_optimizer(config.optim, config.train.max_steps)
   like = step_lib.init_state(run.spec, tx, config.seed)
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
-  state, meta = ckpt.restore(like)
+  state, meta = ckpt.restore(like, step)
   ckpt.close()
   return state, meta
 
@@ -97,6 +98,46 @@ def test_resume_is_bit_for_bit(tmp_path, eval_every):
   assert a_meta['iterator'] == b_meta['iterator']
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
   jax.tree.map(np.testing.assert_array_equal, a['opt_state'], b['opt_state'])
+
+
+def test_moving_average_matches_a_numpy_reference():
+  decay, steps = 0.9, 30
+  tx = step_lib.average_params(decay)
+  params = {'w': jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  average, w = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+  for t in range(steps):
+    updates = {'w': jnp.asarray(rng.normal(size=2), jnp.float32)}
+    passed, state = tx.update(updates, state, params)
+    np.testing.assert_array_equal(passed['w'], updates['w'])  # Updates pass unchanged.
+    params = {'w': params['w'] + updates['w']}
+    w = w + np.asarray(updates['w'])
+    rate = min(decay, (1 + t) / (10 + t))
+    average = rate * average + (1 - rate) * w
+  np.testing.assert_allclose(state.average['w'], average, rtol=1e-5)
+  assert int(state.count) == steps
+
+
+def test_moving_average_is_what_is_evaluated_kept_and_resumed(tmp_path):
+  config = tiny_config(tmp_path, 'sasrec')
+  config.optim.ema_decay = 0.9
+  config.train.update(max_steps=10, eval_every_steps=5)
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(config, resumed, stop_at_step=5)
+  train.train_and_evaluate(config, resumed)
+  (a, _), (b, _) = final_state(config, straight), final_state(config, resumed)
+  jax.tree.map(np.testing.assert_array_equal, a['opt_state'], b['opt_state'])
+  assert not np.array_equal(step_lib.eval_params(a)['embed']['embedding'],
+                            a['params']['embed']['embedding'])
+  # The best checkpoint holds the average of its step (evaluations at 5 and 10 are both kept).
+  best_step = json.load(open(os.path.join(straight, 'results.json')))['best_step']
+  at_best, _ = final_state(config, straight, step=best_step)
+  restored, which = rundir.restore_params(config, train.setup(config, straight).spec,
+                                          straight)
+  assert which == f'best (step {best_step})'
+  jax.tree.map(np.testing.assert_array_equal, restored, step_lib.eval_params(at_best))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
