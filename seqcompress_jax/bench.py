@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from seqcompress_jax import config as config_lib
-from seqcompress_jax import profiling
+from seqcompress_jax import profiling, writers
 from seqcompress_jax.data import pipeline
 from seqcompress_jax.models.spec import ModelSpec
 
@@ -77,8 +77,7 @@ def main(argv: list[str]) -> None:
   for r in rows:
     print('| ' + ' | '.join(fmt.format(r[key]) for _, key, fmt in _COLUMNS) + ' |')
   if flags.FLAGS.out:
-    with open(flags.FLAGS.out, 'w') as f:
-      json.dump({**sizes, 'runs': rows}, f, indent=2)
+    writers.write_json(flags.FLAGS.out, {**sizes, 'runs': rows})
 
 
 if __name__ == '__main__':  # Flags here, not at import: tests import this module.

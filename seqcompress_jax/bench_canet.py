@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 from typing import Any, Sequence
 
@@ -40,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from seqcompress_jax import bench, bench_cprec, profiling, rundir, train
+from seqcompress_jax import bench, bench_cprec, profiling, rundir, train, writers
 from seqcompress_jax import step as step_lib
 from seqcompress_jax.data import load_dataset, pipeline
 from seqcompress_jax.models import router as router_lib
@@ -170,8 +169,7 @@ def main(argv: list[str]) -> None:
   result = measure(spec, params, inputs, routes, f.runs)
   print(f'{source}\n{format_table(result)}')
   if f.out:
-    with open(f.out, 'w') as out:
-      json.dump({'source': source, 'spec': dataclasses.asdict(spec), **result}, out, indent=2)
+    writers.write_json(f.out, {'source': source, 'spec': dataclasses.asdict(spec), **result})
   if result['max_abs_difference'] > TOLERANCE:
     raise AssertionError(f"routed logits differ from the masked path's by "
                          f"{result['max_abs_difference']:.3g} > {TOLERANCE}")

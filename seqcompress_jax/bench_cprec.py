@@ -218,10 +218,10 @@ def main(argv: list[str]) -> None:
   print(f'rows needing tail 2..n: {rank["rows_needing_tail"]}, mean p(cluster): '
         f'{rank["mean_cluster_p"]}, topk capacity {rank["capacity"]} rows')
   if FLAGS.out:
-    with open(FLAGS.out, 'w') as out:
-      json.dump({**sizes, 'tail_capacity': tail_capacity, 'batch_size': FLAGS.batch_size, 'block_mass': masses.tolist(),
-                 'train': [full, adaptive], 'train_speedup': train_speedup, 'rank': rank},
-                out, indent=2)
+    writers.write_json(FLAGS.out, {
+        **sizes, 'tail_capacity': tail_capacity, 'batch_size': FLAGS.batch_size,
+        'block_mass': masses.tolist(), 'train': [full, adaptive],
+        'train_speedup': train_speedup, 'rank': rank})
   if rank['mismatched_rows']:
     raise AssertionError(f'topk differs from the exact top k in {rank["mismatched_rows"]} rows')
 

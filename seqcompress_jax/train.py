@@ -253,9 +253,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluator = make_evaluator(run)
   log_q = sampler_log_q(run)
   step = int(state['step'])
+  # Without the item tables' padding (model.item_shards): the real model.
+  real_params = jax.eval_shape(functools.partial(step_lib.init_params, run.spec.unpadded,
+                                                   config.seed))
   logging.info('%s: %d training windows, %d steps/epoch, %d steps; params %s',
                run.spec.backbone, len(windows), batches.steps_per_epoch, total_steps,
-               profiling.count_params(state['params']))
+               profiling.count_params(real_params))
 
   compile_start = time.perf_counter()
   step_fn = step_lib.jit_train_step(run.model, tx, log_q, run.mesh, state_shardings,
@@ -325,13 +328,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta['eval_s'] += time.perf_counter() - eval_start
   writer.write(meta['best_step'], 'test', _scalars(test))
   logging.info('test (best step %d): %s', meta['best_step'], _fmt(test))
-  real_params = jax.eval_shape(functools.partial(step_lib.init_params, run.spec.unpadded,
-                                                   config.seed))
   results = {
       'backbone': run.spec.backbone, 'best_step': meta['best_step'], 'steps': step,
       'epochs': step / batches.steps_per_epoch, 'stopped_early': meta['done'],
       'valid': best_meta['valid'], 'test': test,
-      # Without the item tables' padding (model.item_shards): the real model.
       'params': profiling.count_params(real_params),
       'param_bytes': profiling.param_bytes(real_params),
       'macs_per_sequence': profiling.macs(run.spec),
