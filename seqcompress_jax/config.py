@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 2
   c.model.ffn_dim = 256
   c.model.dropout = 0.0
+  c.model.block_dropout = 0.0  # NextItNet: on each residual branch (0 = the paper's).
   # Layer-wise parameter sharing (CpRec): 'none' | 'cross-layer' | 'cross-block'
   # | 'adjacent-layer' | 'adjacent-block'.
   c.model.sharing = 'none'

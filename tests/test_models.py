@@ -127,6 +127,7 @@ def test_spec_from_config_reads_fields_and_is_hashable():
     (dict(backbone='sasrec', hidden_dim=64, num_heads=3), 'model.num_heads'),
     (dict(tied=True, embed_dim=32, hidden_dim=64), 'model.tied'),
     (dict(dropout=1.0), 'model.dropout'),
+    (dict(block_dropout=-0.1), 'model.block_dropout'),
 ])
 def test_spec_rejects_bad_values(overrides, field):
   cfg = ml_collections.ConfigDict({'backbone': 'nextitnet', **overrides})
@@ -194,6 +195,18 @@ def param_sizes(spec: ModelSpec) -> dict[str, int]:
   shapes = jax.eval_shape(functools.partial(init, spec), key(0))
   return {name: sum(x.size for x in jax.tree.leaves(tree))
           for name, tree in shapes.items()}
+
+
+def test_nextitnet_block_dropout_acts_on_the_branches_in_training_only():
+  plain, dropped = make_spec('nextitnet'), make_spec('nextitnet', block_dropout=0.5)
+  params = params_for(plain)  # Dropout has no parameters: the same tree serves both.
+  inputs, targets = windows(4)
+  run = lambda spec, train: np.asarray(jit(mean_loss, static_argnames='train')(
+      spec, params, inputs, targets, key(5), train=train)[1]['hidden'])
+  np.testing.assert_array_equal(run(dropped, False), run(plain, False))
+  np.testing.assert_array_equal(run(plain, True), run(plain, False))  # Embedding dropout 0.
+  trained = run(dropped, True)
+  assert np.all(np.isfinite(trained)) and not np.allclose(trained, run(plain, False))
 
 
 def test_nextitnet_params_count_and_names():

@@ -61,14 +61,16 @@ class ResidualBlock(nn.Module):
   """
   features: int
   dtype: DTypeLike = jnp.float32
+  dropout: float = 0.0  # On the branch, before the residual sum.
 
   @nn.compact
   def __call__(self, x: jax.Array, conv_a: CausalConv, conv_b: CausalConv,
-               dilation: int, width: routing.Width | None = None) -> jax.Array:
+               dilation: int, width: routing.Width | None = None, *,
+               train: bool = False) -> jax.Array:
     norm = functools.partial(routing.LayerNorm, self.features, LN_EPSILON, dtype=self.dtype)
     h = nn.relu(norm(name='norm_a')(conv_a(x, dilation, width), width))
     h = nn.relu(norm(name='norm_b')(conv_b(h, 2 * dilation, width), width))
-    return x + h
+    return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
 class NextItNet(nn.Module):
@@ -81,7 +83,8 @@ class NextItNet(nn.Module):
     """Runs the blocks; `valid` [B, L] marks the non-PAD inputs.
 
     PAD positions enter as zeros, like the causal convs' own left padding.
-    Dropout (model.dropout) applies to the embeddings only. `route`
+    Dropout: model.dropout on the embeddings, model.block_dropout on each
+    residual branch. `route`
     (routing.choices): None, a static Route (hidden [B, L, H]) or route
     weights [B, R] (hidden [B, L, hidden_dim], zero beyond each row's H).
     """
@@ -97,7 +100,7 @@ class NextItNet(nn.Module):
     convs = [CausalConv(s.hidden_dim, s.kernel_size, s.compute_dtype, name=f'conv_{j}')
              for j in range(sharing.num_sets(slots))]
     for i, dilation in enumerate(s.dilations[:dims.depth.blocks]):
-      y = ResidualBlock(s.hidden_dim, s.compute_dtype, name=f'block_{i}')(
-          x, convs[slots[2 * i]], convs[slots[2 * i + 1]], dilation, hidden)
+      y = ResidualBlock(s.hidden_dim, s.compute_dtype, s.block_dropout, name=f'block_{i}')(
+          x, convs[slots[2 * i]], convs[slots[2 * i + 1]], dilation, hidden, train=train)
       x = routing.blend(dims.depth.gate(i), y, x)
     return x

@@ -46,6 +46,9 @@ class ModelSpec:
   ffn_dim: int = 256
   # Embedding dropout (both backbones); attention and residual dropout (SASRec).
   dropout: float = 0.2
+  # NextItNet: dropout on each residual block's branch before it is added
+  # (0 = the paper's block).
+  block_dropout: float = 0.0
   # Layer-wise parameter sharing (both backbones), one of sharing.SCHEMES.
   sharing: str = 'none'
   # Input embedding, one of EMBEDDINGS: 'block' is CpRec's block-wise adaptive one.
@@ -103,6 +106,8 @@ class ModelSpec:
          'a non-empty tuple or list of positive integers'),
         ('dropout', isinstance(self.dropout, (int, float))
          and 0 <= self.dropout < 1, 'a number in [0, 1)'),
+        ('block_dropout', isinstance(self.block_dropout, (int, float))
+         and 0 <= self.block_dropout < 1, 'a number in [0, 1)'),
         ('tied', isinstance(self.tied, bool), 'True or False'),
     ]
     for field, ok, expected in checks:
