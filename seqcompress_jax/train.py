@@ -298,12 +298,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       pending = []
     if evaluate_now:
       eval_start = time.perf_counter()
-      valid = evaluator(step_lib.eval_params(state), 'valid')
+      evaluated = step_lib.eval_params(state)
+      valid = evaluator(evaluated, 'valid')
       meta['eval_s'] += time.perf_counter() - eval_start
       writer.write(step, 'valid', _scalars(valid))
       if valid[c.metric] > meta['best_metric']:
         meta.update(best_metric=valid[c.metric], best_step=step, bad_evals=0)
-        best.save(step, step_lib.eval_params(state), {'valid': valid})
+        best.save(step, evaluated, {'valid': valid})
       else:
         meta['bad_evals'] += 1
         meta['done'] = meta['bad_evals'] >= c.patience
