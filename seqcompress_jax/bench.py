@@ -32,18 +32,19 @@ def random_batch(rng: np.random.Generator, batch_size: int, max_len: int,
 
 
 def run_one(backbone: str, width: int, num_items: int, batch_size: int, max_len: int,
-            steps: int, eval_sequences: int = 1024) -> dict[str, Any]:
-  """Times the train step and full-ranking evaluation of one model size."""
+            steps: int, dtype: str = 'float32', eval_sequences: int = 1024) -> dict[str, Any]:
+  """Times the train step and full-ranking evaluation of one model size
+  (`dtype`: the compute dtype; parameters stay float32)."""
   config = config_lib.base_config()
   config.data.max_len = max_len
   config.model.update(backbone=backbone, embed_dim=width, hidden_dim=width,
-                      ffn_dim=4 * width)
+                      ffn_dim=4 * width, dtype=dtype)
   spec = ModelSpec.from_config(config.model, num_items)
   rng = np.random.default_rng(0)
   batch = random_batch(rng, batch_size, max_len, num_items)
   eval_batch = random_batch(rng, eval_sequences, max_len, num_items)
   return {'device': jax.devices()[0].device_kind, 'backbone': backbone, 'width': width,
-          **profiling.measure(spec, batch, eval_batch, steps)}
+          'dtype': dtype, **profiling.measure(spec, batch, eval_batch, steps)}
 
 
 # Table columns: (title, key of run_one's result, format).
@@ -53,13 +54,13 @@ _COLUMNS = (
     ('ms/step', 'step_ms', '{:.1f}'), ('seq/s', 'sequences_per_s', '{:,.0f}'),
     ('positions/s', 'positions_per_s', '{:,.0f}'), ('GFLOP/s', 'gflops_per_s', '{:.1f}'),
     ('eval ms', 'eval_ms', '{:.1f}'), ('eval seq/s', 'eval_sequences_per_s', '{:,.0f}'),
-    ('peak RSS MiB', 'peak_rss_mib', '{:,}'))
+    ('peak RSS MiB', 'peak_rss_mib', '{:,}'), ('peak device MiB', 'peak_device_mib', '{:,}'))
 
 
 def main(argv: list[str]) -> None:
   del argv
   sizes = dict(num_items=flags.FLAGS.num_items, batch_size=flags.FLAGS.batch_size,
-               max_len=flags.FLAGS.max_len, steps=flags.FLAGS.steps)
+               max_len=flags.FLAGS.max_len, steps=flags.FLAGS.steps, dtype=flags.FLAGS.dtype)
   if flags.FLAGS.one:
     backbone, width = flags.FLAGS.one.split(':')
     print(json.dumps(run_one(backbone, int(width), **sizes)))
@@ -72,10 +73,12 @@ def main(argv: list[str]) -> None:
                            + [f'--{name}={value}' for name, value in sizes.items()],
                            capture_output=True, text=True, check=True)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print('| ' + ' | '.join(title for title, _, _ in _COLUMNS) + ' |')
-  print('|' + '---|' * len(_COLUMNS))
+  columns = [c for c in _COLUMNS if any(r[c[1]] is not None for r in rows)]  # CPU: no device.
+  print(f'{rows[0]["device"]}, compute dtype {flags.FLAGS.dtype}\n')
+  print('| ' + ' | '.join(title for title, _, _ in columns) + ' |')
+  print('|' + '---|' * len(columns))
   for r in rows:
-    print('| ' + ' | '.join(fmt.format(r[key]) for _, key, fmt in _COLUMNS) + ' |')
+    print('| ' + ' | '.join(fmt.format(r[key]) for _, key, fmt in columns) + ' |')
   if flags.FLAGS.out:
     writers.write_json(flags.FLAGS.out, {**sizes, 'runs': rows})
 
@@ -87,6 +90,7 @@ if __name__ == '__main__':  # Flags here, not at import: tests import this modul
   flags.DEFINE_integer('batch_size', 256, 'Training sequences per step.')
   flags.DEFINE_integer('max_len', 50, 'Positions per sequence.')
   flags.DEFINE_integer('steps', 20, 'Timed training steps.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
   flags.DEFINE_string('out', '', 'Write the results as JSON here.')
   flags.DEFINE_string('one', '', 'Internal: run one BACKBONE:WIDTH in this process.')
   app.run(main)

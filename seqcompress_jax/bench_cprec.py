@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import subprocess
 import sys
 from typing import Any, Sequence
@@ -69,31 +68,33 @@ def zipf_batch(rng: np.random.Generator, batch_size: int, max_len: int,
 
 
 def model_spec(variant: str, num_items: int, dim: int, max_len: int,
-               cutoffs: tuple[int, ...], tail_capacity: tuple[float, ...] = ()) -> ModelSpec:
+               cutoffs: tuple[int, ...], tail_capacity: tuple[float, ...] = (),
+               norm_chunk: int = 8192) -> ModelSpec:
   """NextItNet, dilations (1, 4): 'full' (embedding, softmax) or 'adaptive' (CpRec,
-  with the adaptive head's loss capacity per tail)."""
+  with the adaptive head's loss capacity per tail and tail pass chunk)."""
   adaptive = variant == 'adaptive'
   return ModelSpec(num_items=num_items, backbone='nextitnet', embed_dim=dim, hidden_dim=dim,
                    max_len=max_len, dilations=(1, 4), dropout=0.0,
                    embedding='block' if adaptive else 'full',
                    head='adaptive' if adaptive else 'full', cutoffs=cutoffs if adaptive else (),
-                   tail_capacity=tail_capacity if adaptive else ())
+                   tail_capacity=tail_capacity if adaptive else (), norm_chunk=norm_chunk)
 
 
 def run_train(variant: str, num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...],
-              tail_capacity: tuple[float, ...], batch_size: int, steps: int) -> dict[str, Any]:
-  """Compile time, median step time and peak RSS of one variant's train step."""
-  spec = model_spec(variant, num_items, dim, max_len, cutoffs, tail_capacity)
+              tail_capacity: tuple[float, ...], batch_size: int, steps: int,
+              norm_chunk: int = 8192) -> dict[str, Any]:
+  """Compile time, median step time and peak memory of one variant's train step."""
+  spec = model_spec(variant, num_items, dim, max_len, cutoffs, tail_capacity, norm_chunk)
   batch = zipf_batch(np.random.default_rng(0), batch_size, max_len, num_items)
   return {'variant': variant, **profiling.measure(spec, batch, batch, steps)}
 
 
 def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k: int,
              eval_batch: int, capacity: int = 0, cluster_shift: float = 0.0,
-             runs: int = 5) -> dict[str, Any]:
+             runs: int = 5, norm_chunk: int = 8192) -> dict[str, Any]:
   """Top-k times ('*_ms', medians of `runs` after one untimed), agreement of
   (c) and (d), and the rows needing each tail."""
-  spec = model_spec('adaptive', num_items, dim, max_len, cutoffs)
+  spec = model_spec('adaptive', num_items, dim, max_len, cutoffs, norm_chunk=norm_chunk)
   model = model_lib.Recommender(spec)
   params = model_lib.init(spec, jax.random.key(0))
   inputs = zipf_batch(np.random.default_rng(1), eval_batch, max_len, num_items)['inputs']
@@ -118,28 +119,36 @@ def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k
            for name, fn, p in [('full_softmax_ms', full, full_params),
                                ('exact_ms', exact, params), ('fast_ms', fast, params)]}
 
-  needed, cluster_p = on_head(functools.partial(tail_stats, spec, k=k))(params, hidden)
+  needed, in_topk, cluster_p = on_head(functools.partial(tail_stats, spec, k=k))(params, hidden)
   exact_items, fast_items = (np.sort(np.asarray(fn(params, hidden)[1]), axis=1)
                              for fn in (exact, fast))
   mismatched = (exact_items != fast_items).any(axis=1)
   return {**times, 'encode_ms': encode_ms, 'speedup': times['exact_ms'] / times['fast_ms'],
           'mismatched_rows': int(mismatched.sum()), 'rows_needing_tail': needed.tolist(),
+          'rows_with_tail_in_topk': in_topk.tolist(),
           'mean_cluster_p': cluster_p.tolist(), 'capacity': capacity or max(8, eval_batch // 4),
           'cluster_shift': cluster_shift, 'eval_batch': eval_batch, 'k': k,
-          'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+          'device': jax.devices()[0].device_kind, **profiling.peak_memory_mib()}
 
 
 def tail_stats(spec: ModelSpec, head: blocks.AdaptiveSoftmax, hidden: jax.Array,
-               k: int) -> tuple[jax.Array, jax.Array]:
-  """Per tail [n - 1]: the share of rows of hidden [B, H] that AdaptiveSoftmax.topk
-  must open for k (the tail's cluster beats the k-th best head item), and the
+               k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per tail [n - 1], over the rows of hidden [B, H]: the share that
+  AdaptiveSoftmax.topk must open for k (the tail's cluster beats the k-th best
+  head item); the share whose exact top k holds an item of the tail (which any
+  exact method must score, so must open: the floor of the first); and the
   mean probability of the tail's cluster."""
   c1 = spec.cutoffs[0]
   log_p = head.log_probs(hidden)
   kth = jax.lax.top_k(log_p[:, :c1], min(k, c1))[0][:, -1:]
+  bounds = list(zip(spec.cutoffs, spec.cutoffs[1:]))
   cluster = jnp.stack([jax.nn.logsumexp(log_p[:, lower:upper], axis=1)
-                       for lower, upper in zip(spec.cutoffs, spec.cutoffs[1:])], axis=1)
-  return (cluster > kth).mean(axis=0), jnp.exp(cluster).mean(axis=0)
+                       for lower, upper in bounds], axis=1)
+  top = jax.lax.top_k(log_p, k)[1][:, :, None]  # [B, k, 1]
+  in_topk = jnp.stack([((top >= lower) & (top < upper)).any(axis=(1, 2))
+                       for lower, upper in bounds], axis=1)
+  return ((cluster > kth).mean(axis=0), in_topk.mean(axis=0),
+          jnp.exp(cluster).mean(axis=0))
 
 
 def trained_tail_stats(workdir: str, ks: Sequence[int]) -> dict[str, Any]:
@@ -157,9 +166,17 @@ def trained_tail_stats(workdir: str, ks: Sequence[int]) -> dict[str, Any]:
   out = {'workdir': workdir, 'checkpoint': which, 'cutoffs': spec.cutoffs,
          'sequences': len(inputs)}
   for k in ks:
-    needed, cluster_p = stats(params, inputs, k)
-    out[f'k={k}'] = {'rows_needing_tail': needed.tolist(), 'mean_cluster_p': cluster_p.tolist()}
+    needed, in_topk, cluster_p = stats(params, inputs, k)
+    out[f'k={k}'] = {'rows_needing_tail': needed.tolist(),
+                     'rows_with_tail_in_topk': in_topk.tolist(),
+                     'mean_cluster_p': cluster_p.tolist()}
   return out
+
+
+def _peak(result: dict[str, Any]) -> str:
+  """'RSS' or 'RSS host / DEVICE device' peak MiB of a measurement."""
+  device = result['peak_device_mib']
+  return f'{result["peak_rss_mib"]:,}' + ('' if device is None else f' host / {device:,} device')
 
 
 def _in_subprocess(one: str) -> dict[str, Any]:
@@ -178,15 +195,18 @@ def main(argv: list[str]) -> None:
   masses = masses / masses.sum()
   tail_capacity = tuple(min(1.0, FLAGS.capacity_factor * m) for m in masses[1:]
                         if FLAGS.capacity_factor)
-  sizes = dict(num_items=num_items, dim=FLAGS.dim, max_len=FLAGS.max_len, cutoffs=cutoffs)
+  sizes = dict(num_items=num_items, dim=FLAGS.dim, max_len=FLAGS.max_len, cutoffs=cutoffs,
+               norm_chunk=FLAGS.norm_chunk)
   if FLAGS.workdir:
     out = trained_tail_stats(FLAGS.workdir, (1, 10, 20, 50))
     print(f'{out["checkpoint"]} of {FLAGS.workdir}, cutoffs {out["cutoffs"]}, '
           f'{out["sequences"]} test sequences\n')
-    print('| k | rows needing tail 2..n | mean p(cluster 2..n) |\n|---|---|---|')
+    print('| k | rows topk opens, tail 2..n | rows whose exact top k has one of its items | '
+          'mean p(cluster 2..n) |\n|---|---|---|---|')
     for k in (1, 10, 20, 50):
       row = out[f'k={k}']
       print(f'| {k} | {np.round(row["rows_needing_tail"], 3).tolist()} | '
+            f'{np.round(row["rows_with_tail_in_topk"], 3).tolist()} | '
             f'{np.round(row["mean_cluster_p"], 3).tolist()} |')
     if FLAGS.out:
       writers.write_json(FLAGS.out, out)
@@ -202,20 +222,22 @@ def main(argv: list[str]) -> None:
   print(f'V = {num_items:,}, d = {FLAGS.dim}, cutoffs {cutoffs}, Zipf mass per block '
         f'{np.round(masses, 3).tolist()}; train batch {FLAGS.batch_size} x '
         f'{FLAGS.max_len}, top-{FLAGS.k} of {FLAGS.eval_batch} sequences; adaptive loss '
-        f'capacity per tail {np.round(tail_capacity, 3).tolist() or "off"}\n')
-  print('| measurement | median ms | compile s | peak RSS MiB |\n|---|---|---|---|')
+        f'capacity per tail {np.round(tail_capacity, 3).tolist() or "off"}; tail passes '
+        f'{FLAGS.norm_chunk:,} items a step\n')
+  print(f'{rank["device"]}\n\n| measurement | median ms | compile s | peak MiB |\n|---|---|---|---|')
   for name, r in [('train (a): full embedding + full softmax', full),
                   ('train (b): block embedding + adaptive softmax', adaptive)]:
-    print(f'| {name} | {r["step_ms"]:,.1f} | {r["compile_s"]:.1f} | {r["peak_rss_mib"]:,} |')
+    print(f'| {name} | {r["step_ms"]:,.1f} | {r["compile_s"]:.1f} | {_peak(r)} |')
   for name, key in [('top-k: full softmax, exact', 'full_softmax_ms'),
                     ('top-k (c): adaptive, exact (log_probs + top_k)', 'exact_ms'),
                     ('top-k (d): adaptive, AdaptiveSoftmax.topk', 'fast_ms')]:
-    print(f'| {name} | {rank[key]:,.1f} | | {rank["peak_rss_mib"]:,} (all top-k) |')
+    print(f'| {name} | {rank[key]:,.1f} | | {_peak(rank)} (all top-k) |')
   train_speedup = full['step_ms'] / adaptive['step_ms']
   print(f'\ntrain step (a)/(b): {train_speedup:.2f}x; top-k (c)/(d): {rank["speedup"]:.2f}x '
         f'(encoder {rank["encode_ms"]:.1f} ms extra for both); (d) vs (c): '
         f'{rank["mismatched_rows"]} rows with other items')
-  print(f'rows needing tail 2..n: {rank["rows_needing_tail"]}, mean p(cluster): '
+  print(f'rows needing tail 2..n: {rank["rows_needing_tail"]} (exact top k holds one of its '
+        f'items: {rank["rows_with_tail_in_topk"]}), mean p(cluster): '
         f'{rank["mean_cluster_p"]}, topk capacity {rank["capacity"]} rows')
   if FLAGS.out:
     writers.write_json(FLAGS.out, {
@@ -240,6 +262,8 @@ if __name__ == '__main__':  # Flags here, not at import: tests import this modul
   flags.DEFINE_float('capacity_factor', 1.5, 'Adaptive loss capacity per tail, as a '
                      'multiple of its Zipf mass (model.capacity_factor); 0 = off.')
   flags.DEFINE_integer('steps', 5, 'Timed training steps.')
+  flags.DEFINE_integer('norm_chunk', 8192, 'Adaptive head: tail items per step of its '
+                       'chunked passes (model.norm_chunk).')
   flags.DEFINE_string('out', '', 'Write the results as JSON here.')
   flags.DEFINE_string('workdir', '', 'Instead: how many test rows of this trained run '
                       '(adaptive head) the fast top-k must open each tail for.')

@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   # in it, in a buffer this many times the tail's share of the training
   # interactions (exact either way; 0 = every tail at every position).
   c.model.capacity_factor = 1.5
+  # Adaptive head: tail items per step of its chunked normaliser and fast top-k
+  # (8,192 suits a CPU; ~131,072 on GPU/TPU, where each step costs launches).
+  c.model.norm_chunk = 8192
   c.model.tied = False
   c.model.num_samples = 1024  # Sampled softmax: negatives per batch.
   c.model.sampler = 'log_uniform'  # 'log_uniform' | 'uniform' | 'popularity'

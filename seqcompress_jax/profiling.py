@@ -53,6 +53,15 @@ def compiled_flops(compiled: Any) -> float:
   return float(analysis.get('flops', 0.0)) if analysis else 0.0
 
 
+def peak_memory_mib() -> dict[str, int | None]:
+  """This process's peak RSS and, on accelerators that report it, the first
+  device's peak bytes in use (None on CPU), in MiB."""
+  stats = jax.devices()[0].memory_stats() or {}
+  device = stats.get('peak_bytes_in_use')
+  return {'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+          'peak_device_mib': None if device is None else device // 2**20}
+
+
 def median_seconds(fn: Callable[[], Any], runs: int, warmup: int) -> float:
   """Median wall time of `fn()` (blocked until ready) over `runs` after `warmup` calls."""
   times = []
@@ -104,5 +113,4 @@ def measure(spec: ModelSpec, batch: dict[str, np.ndarray], eval_batch: dict[str,
       'step_ms': 1e3 * step_s, 'sequences_per_s': sequences / step_s,
       'positions_per_s': positions / step_s, 'gflop_per_step': flops / 1e9,
       'gflops_per_s': flops / step_s / 1e9, 'eval_ms': 1e3 * eval_s,
-      'eval_sequences_per_s': len(eval_batch['inputs']) / eval_s,
-      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+      'eval_sequences_per_s': len(eval_batch['inputs']) / eval_s, **peak_memory_mib()}

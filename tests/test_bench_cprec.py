@@ -46,3 +46,5 @@ def test_run_rank_agrees_with_exact_top_k():
   rows = sorted(16 * f for f in result['rows_needing_tail'])
   assert 0 < rows[0] <= 5 < rows[1]
   assert result['mismatched_rows'] == 0
+  assert all(0 <= f <= g for f, g in zip(result['rows_with_tail_in_topk'],
+                                         result['rows_needing_tail']))

@@ -73,6 +73,25 @@ def test_full_ranking_with_the_adaptive_head_is_exact():
   assert np.all(ranks >= brute) and np.all(ranks <= brute + near)
 
 
+def test_norm_chunk_reaches_the_head_and_keeps_topk_exact():
+  # model.norm_chunk sets the tail passes' step (a speed knob): any value gives
+  # the same top k as ranking log_probs.
+  rng = np.random.default_rng(1)
+  inputs = rng.integers(0, 30, (9, 8)).astype(np.int32)
+  results = []
+  for chunk in (2, 8192):
+    spec = ModelSpec.from_config(cprec_model_config(cutoffs=(6, 15), norm_chunk=chunk), 30)
+    model = model_lib.Recommender(spec)
+    params = model_lib.init(spec, jax.random.key(0))
+    assert model.apply({'params': params}, method=lambda m: m.head.norm_chunk) == chunk
+    results.append(model.apply({'params': params}, inputs, method=lambda m, x: (
+        m.head.topk(m(x, train=False)[:, -1], 5, 4),
+        jax.lax.top_k(m.logits(m(x, train=False)[:, -1]), 5))))
+  for (scores, items), (exact_scores, exact_items) in results:
+    np.testing.assert_array_equal(items, exact_items)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-6, atol=1e-5)
+
+
 def test_compressed_model_trains_end_to_end(tmp_path):
   config = config_lib.apply_presets(config_lib.base_config(), 'smoke')
   config.data.cache_dir = str(tmp_path / 'cache')
@@ -114,6 +133,14 @@ def test_compressed_model_trains_end_to_end(tmp_path):
                              (clusters > best_head).mean(axis=0))
   np.testing.assert_allclose(stats['k=1']['mean_cluster_p'], np.exp(clusters).mean(axis=0),
                              rtol=1e-5)
+  # Rows whose exact top 1 (and top c1) lies in each tail; never above the rows opened.
+  for k in (1, spec.cutoffs[0]):
+    top = np.argsort(-log_p[:, 1:], axis=1, kind='stable')[:, :k] + 1
+    expected = [((top >= a) & (top < b)).any(axis=1).mean()
+                for a, b in zip(spec.cutoffs, spec.cutoffs[1:])]
+    np.testing.assert_allclose(stats[f'k={k}']['rows_with_tail_in_topk'], expected)
+    assert all(f <= g for f, g in zip(stats[f'k={k}']['rows_with_tail_in_topk'],
+                                      stats[f'k={k}']['rows_needing_tail']))
   # k at least the head's size: every row needs every tail.
   assert stats[f'k={spec.cutoffs[0]}']['rows_needing_tail'] == [1.0] * (len(spec.cutoffs) - 1)
 

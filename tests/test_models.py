@@ -128,6 +128,7 @@ def test_spec_from_config_reads_fields_and_is_hashable():
     (dict(tied=True, embed_dim=32, hidden_dim=64), 'model.tied'),
     (dict(dropout=1.0), 'model.dropout'),
     (dict(block_dropout=-0.1), 'model.block_dropout'),
+    (dict(norm_chunk=0), 'model.norm_chunk'),
 ])
 def test_spec_rejects_bad_values(overrides, field):
   cfg = ml_collections.ConfigDict({'backbone': 'nextitnet', **overrides})

@@ -80,11 +80,15 @@ def test_count_params_sasrec():
   assert counts['total'] == counts['embedding'] + middle + counts['output']
 
 
-def test_bench_run_one():
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_bench_run_one(dtype):
   result = bench.run_one('nextitnet', 8, num_items=50, batch_size=8, max_len=8, steps=2,
-                         eval_sequences=16)
+                         dtype=dtype, eval_sequences=16)
   positive = {'params', 'macs_inference', 'compile_s', 'step_ms', 'sequences_per_s',
               'positions_per_s', 'gflop_per_step', 'gflops_per_s', 'eval_ms',
               'eval_sequences_per_s', 'peak_rss_mib'}
-  assert set(result) == positive | {'device', 'backbone', 'width'}
+  assert set(result) == positive | {'device', 'backbone', 'width', 'dtype', 'peak_device_mib'}
   assert all(result[key] > 0 for key in positive), result
+  assert result['dtype'] == dtype
+  # CPU devices report no memory statistics; accelerators report a positive peak.
+  assert (result['peak_device_mib'] is None) == (jax.default_backend() == 'cpu')

@@ -404,8 +404,9 @@ class AdaptiveSoftmax(nn.Module):
     `norm_chunk` at a time, so no [B, size] array is built. Per tail, the
     rows that need it are gathered into a buffer of `capacity`
     rows (default max(8, B // 4)), the only rows whose tail log-softmax is
-    computed; when more rows need it, lax.cond runs that tail for the whole
-    batch instead. capacity >= B always computes every tail for every row.
+    computed; when more rows need it, lax.switch runs that tail for the whole
+    batch instead, and when none does, not at all. capacity >= B always
+    computes every tail for every row.
     The saving is in the skipped tails: a tail holding much probability mass
     is needed by most rows, and then costs what it costs in log_probs.
 
@@ -454,6 +455,10 @@ class AdaptiveSoftmax(nn.Module):
     if capacity >= batch:
       return top(hidden, cluster)
 
+    def skipped():
+      return (jnp.full((batch, tail_k), PAD_LOGIT),
+              jnp.zeros((batch, tail_k), jnp.int32))
+
     def gathered():
       rows = jnp.nonzero(needed, size=capacity, fill_value=batch)[0]  # Pad: out of range.
       inside = jnp.minimum(rows, batch - 1)
@@ -461,7 +466,9 @@ class AdaptiveSoftmax(nn.Module):
       return (jnp.full((batch, tail_k), PAD_LOGIT).at[rows].set(scores, mode='drop'),
               jnp.zeros((batch, tail_k), items.dtype).at[rows].set(items, mode='drop'))
 
-    return jax.lax.cond(needed.sum() <= capacity, gathered, lambda: top(hidden, cluster))
+    count = needed.sum()
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(branch, [skipped, gathered, lambda: top(hidden, cluster)])
 
   @property
   def _num_head_ids(self) -> int:

@@ -53,7 +53,7 @@ class Recommender(nn.Module):
     if s.head == 'adaptive':
       self.head = AdaptiveSoftmax(s.num_items, s.hidden_dim, s.cutoffs, s.block_widths,
                                   dtype=s.compute_dtype, capacity=s.tail_capacity,
-                                  item_shards=s.item_shards)
+                                  item_shards=s.item_shards, norm_chunk=s.norm_chunk)
     elif s.head == 'sampled':
       self.head = SampledSoftmax(num_samples=s.num_samples, sampler=s.sampler,
                                  **head_args)

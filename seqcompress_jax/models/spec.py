@@ -63,6 +63,9 @@ class ModelSpec:
   # Adaptive head: per tail, the share of a batch's positions whose tail loss is
   # computed (blocks.AdaptiveSoftmax.capacity); () = every position.
   tail_capacity: tuple[float, ...] = ()
+  # Adaptive head: tail items per step of its chunked passes (normaliser,
+  # fast top-k). Small suits a CPU's cache; accelerators want ~1e5 (fewer steps).
+  norm_chunk: int = 8192
   tied: bool = False  # Output weight = the input embedding table.
   num_samples: int = 1024  # Sampled head: negatives per step.
   sampler: str = 'log_uniform'  # One of SAMPLERS.
@@ -92,7 +95,7 @@ class ModelSpec:
                        f'got {self.num_items!r}')
     sizes = ['embed_dim', 'hidden_dim', 'max_len', 'kernel_size', 'num_layers',
              'num_heads', 'ffn_dim', 'num_samples', 'router_dim', 'router_heads',
-             'router_ffn_dim', 'item_shards']
+             'router_ffn_dim', 'item_shards', 'norm_chunk']
     checks = [(name, _is_positive_int(getattr(self, name)), 'a positive integer')
               for name in sizes]
     checks += [
