@@ -119,25 +119,26 @@ def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k
            for name, fn, p in [('full_softmax_ms', full, full_params),
                                ('exact_ms', exact, params), ('fast_ms', fast, params)]}
 
-  needed, in_topk, cluster_p = on_head(functools.partial(tail_stats, spec, k=k))(params, hidden)
+  needed, cluster_rule, in_topk, cluster_p = on_head(functools.partial(tail_stats, spec, k=k))(
+      params, hidden)
   exact_items, fast_items = (np.sort(np.asarray(fn(params, hidden)[1]), axis=1)
                              for fn in (exact, fast))
   mismatched = (exact_items != fast_items).any(axis=1)
   return {**times, 'encode_ms': encode_ms, 'speedup': times['exact_ms'] / times['fast_ms'],
           'mismatched_rows': int(mismatched.sum()), 'rows_needing_tail': needed.tolist(),
-          'rows_with_tail_in_topk': in_topk.tolist(),
+          'rows_cluster_rule': cluster_rule.tolist(), 'rows_with_tail_in_topk': in_topk.tolist(),
           'mean_cluster_p': cluster_p.tolist(), 'capacity': capacity or max(8, eval_batch // 4),
           'cluster_shift': cluster_shift, 'eval_batch': eval_batch, 'k': k,
           'device': jax.devices()[0].device_kind, **profiling.peak_memory_mib()}
 
 
 def tail_stats(spec: ModelSpec, head: blocks.AdaptiveSoftmax, hidden: jax.Array,
-               k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+               k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per tail [n - 1], over the rows of hidden [B, H]: the share that
-  AdaptiveSoftmax.topk must open for k (the tail's cluster beats the k-th best
-  head item); the share whose exact top k holds an item of the tail (which any
-  exact method must score, so must open: the floor of the first); and the
-  mean probability of the tail's cluster."""
+  AdaptiveSoftmax.topk opens for k; the share CpRec's rule would open (the
+  tail's cluster beats the k-th best head item); the share whose exact top k
+  holds an item of the tail (which any exact method must score, so must open:
+  the floor of both); and the mean probability of the tail's cluster."""
   c1 = spec.cutoffs[0]
   log_p = head.log_probs(hidden)
   kth = jax.lax.top_k(log_p[:, :c1], min(k, c1))[0][:, -1:]
@@ -147,8 +148,8 @@ def tail_stats(spec: ModelSpec, head: blocks.AdaptiveSoftmax, hidden: jax.Array,
   top = jax.lax.top_k(log_p, k)[1][:, :, None]  # [B, k, 1]
   in_topk = jnp.stack([((top >= lower) & (top < upper)).any(axis=(1, 2))
                        for lower, upper in bounds], axis=1)
-  return ((cluster > kth).mean(axis=0), in_topk.mean(axis=0),
-          jnp.exp(cluster).mean(axis=0))
+  return (head.tails_to_open(hidden, k).mean(axis=0), (cluster > kth).mean(axis=0),
+          in_topk.mean(axis=0), jnp.exp(cluster).mean(axis=0))
 
 
 def trained_tail_stats(workdir: str, ks: Sequence[int]) -> dict[str, Any]:
@@ -166,8 +167,9 @@ def trained_tail_stats(workdir: str, ks: Sequence[int]) -> dict[str, Any]:
   out = {'workdir': workdir, 'checkpoint': which, 'cutoffs': spec.cutoffs,
          'sequences': len(inputs)}
   for k in ks:
-    needed, in_topk, cluster_p = stats(params, inputs, k)
+    needed, cluster_rule, in_topk, cluster_p = stats(params, inputs, k)
     out[f'k={k}'] = {'rows_needing_tail': needed.tolist(),
+                     'rows_cluster_rule': cluster_rule.tolist(),
                      'rows_with_tail_in_topk': in_topk.tolist(),
                      'mean_cluster_p': cluster_p.tolist()}
   return out
@@ -201,11 +203,12 @@ def main(argv: list[str]) -> None:
     out = trained_tail_stats(FLAGS.workdir, (1, 10, 20, 50))
     print(f'{out["checkpoint"]} of {FLAGS.workdir}, cutoffs {out["cutoffs"]}, '
           f'{out["sequences"]} test sequences\n')
-    print('| k | rows topk opens, tail 2..n | rows whose exact top k has one of its items | '
-          'mean p(cluster 2..n) |\n|---|---|---|---|')
+    print('| k | rows topk opens, tail 2..n | rows CpRec\'s rule opens | rows whose exact top k '
+          'has one of its items | mean p(cluster 2..n) |\n|---|---|---|---|---|')
     for k in (1, 10, 20, 50):
       row = out[f'k={k}']
       print(f'| {k} | {np.round(row["rows_needing_tail"], 3).tolist()} | '
+            f'{np.round(row["rows_cluster_rule"], 3).tolist()} | '
             f'{np.round(row["rows_with_tail_in_topk"], 3).tolist()} | '
             f'{np.round(row["mean_cluster_p"], 3).tolist()} |')
     if FLAGS.out:
@@ -236,8 +239,9 @@ def main(argv: list[str]) -> None:
   print(f'\ntrain step (a)/(b): {train_speedup:.2f}x; top-k (c)/(d): {rank["speedup"]:.2f}x '
         f'(encoder {rank["encode_ms"]:.1f} ms extra for both); (d) vs (c): '
         f'{rank["mismatched_rows"]} rows with other items')
-  print(f'rows needing tail 2..n: {rank["rows_needing_tail"]} (exact top k holds one of its '
-        f'items: {rank["rows_with_tail_in_topk"]}), mean p(cluster): '
+  print(f'rows needing tail 2..n: {rank["rows_needing_tail"]} (CpRec\'s rule: '
+        f'{rank["rows_cluster_rule"]}; exact top k holds one of its items: '
+        f'{rank["rows_with_tail_in_topk"]}), mean p(cluster): '
         f'{rank["mean_cluster_p"]}, topk capacity {rank["capacity"]} rows')
   if FLAGS.out:
     writers.write_json(FLAGS.out, {

@@ -38,7 +38,7 @@ def test_run_train():  # The full variant: the adaptive one only differs in its 
 def test_run_rank_agrees_with_exact_top_k():
   cutoffs = bench_cprec.zipf_cutoffs(200, (0.5, 0.8))
   result = bench_cprec.run_rank(**SIZES, cutoffs=cutoffs, k=5, eval_batch=16, capacity=5,
-                                cluster_shift=0.5, runs=1)
+                                cluster_shift=4.0, runs=1)
   for key in ('full_softmax_ms', 'exact_ms', 'fast_ms', 'encode_ms', 'speedup'):
     assert result[key] > 0
   assert result['capacity'] == 5 and len(result['mean_cluster_p']) == 2
@@ -46,5 +46,5 @@ def test_run_rank_agrees_with_exact_top_k():
   rows = sorted(16 * f for f in result['rows_needing_tail'])
   assert 0 < rows[0] <= 5 < rows[1]
   assert result['mismatched_rows'] == 0
-  assert all(0 <= f <= g for f, g in zip(result['rows_with_tail_in_topk'],
-                                         result['rows_needing_tail']))
+  assert all(0 <= f <= g <= h for f, g, h in zip(
+      result['rows_with_tail_in_topk'], result['rows_needing_tail'], result['rows_cluster_rule']))

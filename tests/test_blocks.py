@@ -309,6 +309,36 @@ def test_topk_when_cluster_tokens_crowd_the_head():
   assert_exact_topk(model, {'params': params}, hidden, 1)
 
 
+@pytest.mark.parametrize('dtype, shards', [('float32', 1), ('float32', 3), ('bfloat16', 1)])
+def test_tail_bound_is_an_upper_bound_on_the_best_tail_item(dtype, shards):
+  # The bound topk skips tails with: at least the best log p(item | cluster)
+  # of each tail (as log_probs computes it), and at most 0; over seeds and
+  # hidden scales (large scales spread the logits far apart).
+  model = AdaptiveSoftmax(V, H, CUTOFFS, WIDTHS, dtype=dtype, item_shards=shards)
+  for seed in range(3):
+    variables = init(model, jax.random.key(seed))
+    for scale in (0.3, 3.0, 30.0):
+      hidden = hidden_states(seed, rows=12, scale=scale)
+      log_p = np.asarray(apply(model, 'log_probs', variables, hidden), np.float64)
+      for tail, (lower, upper) in enumerate(zip(CUTOFFS, CUTOFFS[1:]), start=1):
+        bound = np.asarray(model.apply(variables, hidden, tail,
+                                       method=lambda m, h, t: m._tail_bound(h, t)))
+        best = log_p[:, lower:upper].max(axis=1) - np.logaddexp.reduce(
+            log_p[:, lower:upper], axis=1)  # log p(best item | cluster).
+        assert np.all(bound >= best - 1e-6) and np.all(bound <= 0.0), (tail, scale)
+
+
+def test_tail_bound_is_tight_for_a_uniform_tail():
+  # All items of a tail alike: each has p(item | cluster) = 1 / size, and the
+  # bound (radius 0, Jensen exact) is log(1 / size) up to its rounding slack.
+  model, variables = softmax_and_params()
+  params = dict(variables['params'])
+  params['tail_3_out'] = jnp.tile(params['tail_3_out'][:, :1], (1, CUTOFFS[2] - CUTOFFS[1]))
+  hidden = hidden_states(1, scale=0.3)
+  bound = model.apply({'params': params}, hidden, 2, method=lambda m, h, t: m._tail_bound(h, t))
+  np.testing.assert_allclose(bound, -np.log(CUTOFFS[2] - CUTOFFS[1]), atol=0.01)
+
+
 def test_topk_rejects_bad_k():
   model, variables = softmax_and_params()
   for k in (0, V):

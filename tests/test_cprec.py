@@ -129,7 +129,7 @@ def test_compressed_model_trains_end_to_end(tmp_path):
   clusters = np.stack([np.logaddexp.reduce(log_p[:, a:b], axis=1)
                        for a, b in zip(spec.cutoffs, spec.cutoffs[1:])], axis=1)
   best_head = log_p[:, 1:spec.cutoffs[0]].max(axis=1, keepdims=True)
-  np.testing.assert_allclose(stats['k=1']['rows_needing_tail'],
+  np.testing.assert_allclose(stats['k=1']['rows_cluster_rule'],
                              (clusters > best_head).mean(axis=0))
   np.testing.assert_allclose(stats['k=1']['mean_cluster_p'], np.exp(clusters).mean(axis=0),
                              rtol=1e-5)
@@ -139,8 +139,9 @@ def test_compressed_model_trains_end_to_end(tmp_path):
     expected = [((top >= a) & (top < b)).any(axis=1).mean()
                 for a, b in zip(spec.cutoffs, spec.cutoffs[1:])]
     np.testing.assert_allclose(stats[f'k={k}']['rows_with_tail_in_topk'], expected)
-    assert all(f <= g for f, g in zip(stats[f'k={k}']['rows_with_tail_in_topk'],
-                                      stats[f'k={k}']['rows_needing_tail']))
+    row = stats[f'k={k}']
+    assert all(f <= g <= h for f, g, h in zip(row['rows_with_tail_in_topk'],
+                                              row['rows_needing_tail'], row['rows_cluster_rule']))
   # k at least the head's size: every row needs every tail.
   assert stats[f'k={spec.cutoffs[0]}']['rows_needing_tail'] == [1.0] * (len(spec.cutoffs) - 1)
 

@@ -394,11 +394,14 @@ class AdaptiveSoftmax(nn.Module):
     """The exact top k of log_probs(hidden) without evaluating every tail.
 
     Let t be a row's k-th best head item. An item of tail j has
-    log p <= log p(cluster_j), so tail j can only enter the top k when
-    log p(cluster_j) > t; other tails are skipped (with a head of fewer than
-    k items, t = -inf and no tail is skipped). This is CpRec's rule (a tail
-    whose cluster token is in the head's top k) made exact: that rule alone
-    misses an item when cluster tokens crowd head items out of the top k.
+    log p <= log p(cluster_j) + b_j, where b_j <= 0 bounds the tail's best
+    log p(item | cluster_j) (_tail_bound), so tail j can only enter the top k
+    when log p(cluster_j) + b_j > t; other tails are skipped (with a head of
+    fewer than k items, t = -inf and no tail is skipped). With b_j = 0 this is
+    CpRec's rule (a tail whose cluster token is in the head's top k) made
+    exact; that rule alone misses an item when cluster tokens crowd head items
+    out of the top k, and on a trained model opens nearly every tail, as a
+    cluster token carries a tail's whole mass.
 
     A needed tail's top k and normaliser come from one pass over its items,
     `norm_chunk` at a time, so no [B, size] array is built. Per tail, the
@@ -419,26 +422,40 @@ class AdaptiveSoftmax(nn.Module):
       float32 log p [B, k], descending, and their int32 ids [B, k] (never PAD).
       Ties may be ordered differently from lax.top_k(log_probs).
     """
-    batch = hidden.shape[0]
+    capacity = max(8, hidden.shape[0] // 4) if capacity is None else capacity
+    if _as_int(capacity) is None or capacity < 1:
+      raise ValueError(f'capacity: expected a positive integer, got {capacity!r}')
+    head, (scores, items), opened = self._head_top(hidden, k)
+    candidates = [(scores, items)]
+    for tail in range(1, len(self.bounds)):
+      candidates.append(self._tail_topk(hidden, self._cluster(head, tail), opened[:, tail - 1],
+                                        tail, k, capacity))
+    scores, index = jax.lax.top_k(jnp.concatenate([s for s, _ in candidates], axis=1), k)
+    items = jnp.concatenate([i for _, i in candidates], axis=1)
+    return scores, jnp.take_along_axis(items, index, axis=1).astype(jnp.int32)
+
+  def tails_to_open(self, hidden: jax.Array, k: int) -> jax.Array:
+    """bool [B, n - 1]: the tails topk(hidden, k) evaluates for each row."""
+    return self._head_top(hidden, k)[2]
+
+  def _head_top(self, hidden: jax.Array, k: int):
+    """The head's log-softmax [B, c1 + n - 1], its top min(k, c1 - 1) items
+    (log p, ids) and the tails [B, n - 1] that may hold a better item than the
+    k-th of those (all of them when the head has fewer than k items)."""
     if _as_int(k) is None or not 1 <= k <= self.num_items - 1:
       raise ValueError(f'k: expected an integer in [1, {self.num_items - 1}] '
                        f'(V - 1 items), got {k!r}')
-    capacity = max(8, batch // 4) if capacity is None else capacity
-    if _as_int(capacity) is None or capacity < 1:
-      raise ValueError(f'capacity: expected a positive integer, got {capacity!r}')
     head = self._head_log_probs(hidden)
     head_k = min(k, self._num_head_ids - 1)  # PAD, masked, is never picked.
     scores, items = jax.lax.top_k(head[:, :self._num_head_ids], head_k)
     # The min, not scores[:, -1]: XLA on CPU would turn that slice into a full sort.
-    threshold = scores.min(axis=1) if head_k == k else jnp.full((batch,), -jnp.inf)
-    candidates = [(scores, items)]
-    for tail in range(1, len(self.bounds)):
-      cluster = self._cluster(head, tail)
-      candidates.append(self._tail_topk(hidden, cluster, cluster > threshold, tail, k,
-                                        capacity))
-    scores, index = jax.lax.top_k(jnp.concatenate([s for s, _ in candidates], axis=1), k)
-    items = jnp.concatenate([i for _, i in candidates], axis=1)
-    return scores, jnp.take_along_axis(items, index, axis=1).astype(jnp.int32)
+    threshold = (scores.min(axis=1) if head_k == k
+                 else jnp.full((hidden.shape[0],), -jnp.inf))
+    best = [self._cluster(head, tail) + self._tail_bound(hidden, tail)  # >= its best item.
+            for tail in range(1, len(self.bounds))]
+    opened = (jnp.stack(best, axis=1) > threshold[:, None] if best
+              else jnp.zeros((hidden.shape[0], 0), bool))
+    return head, (scores, items), opened
 
   def _tail_topk(self, hidden: jax.Array, cluster: jax.Array, needed: jax.Array,
                  tail: int, k: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -469,6 +486,48 @@ class AdaptiveSoftmax(nn.Module):
     count = needed.sum()
     branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
     return jax.lax.switch(branch, [skipped, gathered, lambda: top(hidden, cluster)])
+
+  def _tail_bound(self, hidden: jax.Array, tail: int) -> jax.Array:
+    """hidden [B, H] -> an upper bound [B], <= 0, on max over the tail's items
+    of log p(item | cluster) as _tail_log_probs computes it, in O(G d) per row.
+
+    The tail's items fall in G groups of about sqrt(part) consecutive ids
+    within each of its item_shards parts. With u the row's tail projection and
+    c_g, r_g, n_g a group's mean item vector, radius and size: an item's logit
+    u.w <= u.c_g + |u| r_g (Cauchy-Schwarz), and the normaliser
+    logsumexp(u.w) >= logsumexp_g(u.c_g + log n_g) (Jensen within each
+    group). The group tables cost one pass over the tail's items per call.
+    The slack covers the rounding of logits computed in bfloat16 (or TF32).
+    """
+    lower, upper = self.bounds[tail]
+    out = self.outs[tail - 1].astype(jnp.float32)
+    width, shards = out.shape[0], self.item_shards
+    part = out.shape[1] // shards
+    group = math.isqrt(part - 1) + 1  # ceil(sqrt(part))
+    groups = -(-part // group)
+    index = (np.arange(shards)[:, None] * part
+             + np.arange(groups * group)[None, :])  # Local ids [S, G * g] ...
+    valid = ((np.arange(groups * group) < part)[None, :] & (index < upper - lower)).reshape(
+        shards, groups, group)  # ... inside the part and the tail.
+    count = valid.sum(axis=2)  # [S, G], static.
+    items = jnp.pad(out.reshape(width, shards, part),
+                    ((0, 0), (0, 0), (0, groups * group - part))).reshape(
+                        width, shards, groups, group)
+    items = jnp.where(valid, items, 0.0)
+    centre = items.sum(axis=3) / np.maximum(count, 1)  # [d, S, G]
+    radius = jnp.sqrt(jnp.max(jnp.where(valid, ((items - centre[..., None]) ** 2).sum(axis=0),
+                                        0.0), axis=2))  # [S, G]
+    low = self._einsum('bh,hd->bd', hidden, self.projs[tail - 1])
+    dots = jnp.einsum('bd,dsg->bsg', low, centre, precision=jax.lax.Precision.HIGHEST)
+    norm = jnp.linalg.norm(low, axis=-1)
+    present = count > 0
+    best = jnp.max(jnp.where(present, dots + norm[:, None, None] * radius, -jnp.inf),
+                   axis=(1, 2))
+    normaliser = jax.nn.logsumexp(jnp.where(present, dots + np.log(np.maximum(count, 1)),
+                                            -jnp.inf), axis=(1, 2))
+    rounding = 2.0 ** -6 if jnp.dtype(self.dtype) == jnp.bfloat16 else 2.0 ** -8
+    reach = norm * jnp.sqrt(jnp.max((items ** 2).sum(axis=0)))  # >= any |logit|.
+    return jnp.minimum(best - normaliser + rounding * reach + 1e-4, 0.0)
 
   @property
   def _num_head_ids(self) -> int:
