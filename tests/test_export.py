@@ -1,6 +1,6 @@
 """Export (export.py, --mode=export): the exported top-k equals the in-process
-model's for an uncompressed, a CpRec and a CANet model (routed as in-process
-routing does); loading needs neither the model code nor the data; the
+model's for an uncompressed, a CpRec, a CANet and a CANet-over-CpRec model
+(routed as in-process routing does); loading needs neither the model code nor the data; the
 directory holds what the manifest says; bad exports are refused clearly."""
 
 import json
@@ -37,10 +37,12 @@ def cprec_config(root):
 
 
 CONFIGS = {'uncompressed': tiny_config, 'cprec': cprec_config,
-           'canet': lambda root: canet_config('smoke', root)}
+           'canet': lambda root: canet_config('smoke', root),
+           'canet-cprec': lambda root: canet_config('smoke,cprec', root)}
 # Exports: (run, export_run's topk); CpRec's adaptive softmax has two methods.
 EXPORTS = {'uncompressed': ('uncompressed', 'fast'), 'cprec': ('cprec', 'fast'),
-           'cprec-full-topk': ('cprec', 'full'), 'canet': ('canet', 'fast')}
+           'cprec-full-topk': ('cprec', 'full'), 'canet': ('canet', 'fast'),
+           'canet-cprec': ('canet-cprec', 'fast')}
 
 
 def saved_run(config, workdir):
@@ -113,10 +115,13 @@ def runs(tmp_path_factory):
 def test_exported_topk_equals_the_in_process_model(runs, name):
   spec, params, directory = runs[name]
   model = export.load(directory)
-  kind, topk = EXPORTS[name]
+  _, topk = EXPORTS[name]
+  compressed = spec.uses_blocks or spec.sharing != 'none'
+  kind = 'canet' if spec.routed else 'cprec' if compressed else 'uncompressed'
   assert (model.kind, model.k, model.max_len, model.routed) == (kind, K, spec.max_len,
-                                                                kind == 'canet')
-  assert model.manifest['topk_method'] == ('fast' if kind == 'cprec' and topk == 'fast'
+                                                                spec.routed)
+  assert spec.routed == name.startswith('canet')
+  assert model.manifest['topk_method'] == ('fast' if spec.head == 'adaptive' and topk == 'fast'
                                            else 'full')
   # 21 rows: chunks of 16 and 5 (padded to 16); CANet's route groups use every bucket.
   items = histories(spec.num_items, spec.max_len, 21)
