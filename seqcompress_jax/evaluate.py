@@ -108,6 +108,31 @@ def make_rank_fn(encode: EncodeFn, score: ScoreFn, num_items: int,
   return _selecting(ranks, keys)
 
 
+def chunked_top_k(score_ids: Callable[[jax.Array], jax.Array], num_ids: int, k: int,
+                  chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
+  """The top k (scores, int32 ids) [b, k] of score_ids(ids [C]) -> [b, C] over
+  the ids 0..num_ids-1, `chunk_size` ids at a time in a loop that keeps the
+  best k so far: memory O(b * (chunk_size + k)) instead of O(b * num_ids).
+  The same values as lax.top_k over all the scores (ties may order differently).
+  """
+  if not 1 <= k <= num_ids:
+    raise ValueError(f'k: expected an integer in [1, {num_ids}], got {k!r}')
+  chunk_size = max(1, min(chunk_size, num_ids))
+  num_chunks = -(-num_ids // chunk_size)
+
+  def merge(i: jax.Array, best: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    ids = i * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
+    scores = jnp.where(ids < num_ids, score_ids(jnp.minimum(ids, num_ids - 1)), -jnp.inf)
+    scores = jnp.concatenate([best[0], scores.astype(jnp.float32)], axis=1)
+    ids = jnp.concatenate([best[1], jnp.broadcast_to(ids, scores.shape[:1] + ids.shape)], axis=1)
+    top, order = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(ids, order, axis=1)
+
+  rows = jax.eval_shape(score_ids, jnp.zeros(chunk_size, jnp.int32)).shape[0]
+  start = (jnp.full((rows, k), -jnp.inf), jnp.zeros((rows, k), jnp.int32))
+  return jax.lax.fori_loop(0, num_chunks, merge, start)
+
+
 def make_sampled_rank_fn(encode: EncodeFn, score: ScoreFn) -> RankFn:
   """(params, batch) -> int32 [b]: the batch's 'negatives' [b, n] scoring above the target."""
 

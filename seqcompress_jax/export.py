@@ -185,7 +185,8 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's are private.
   try:
     functions = {}
-    for name, (fn, part, per_bucket, extra) in _functions(spec, num_items, k, fast).items():
+    exported = _functions(spec, num_items, k, fast, config.eval.chunk_size)
+    for name, (fn, part, per_bucket, extra) in exported.items():
       files = {}
       for size in buckets if per_bucket else (ANY_BATCH,):
         batch = jax.export.symbolic_shape('batch')[0] if size == ANY_BATCH else size
@@ -210,11 +211,14 @@ def export_run(workdir: str, export_dir: str | None = None, k: int = DEFAULT_K,
   return manifest
 
 
-def _functions(spec: Any, num_items: int, k: int, fast: bool) -> dict[str, tuple]:
+def _functions(spec: Any, num_items: int, k: int, fast: bool,
+               chunk_size: int) -> dict[str, tuple]:
   """name -> (fn, its parameters ('model' or 'router'), one module per
   bucket?, manifest extras) of every function of the export; `fast`: the
-  adaptive softmax's fast top-k."""
+  adaptive softmax's fast top-k; otherwise the top k of the head's scores,
+  `chunk_size` items at a time (evaluate.chunked_top_k: no [B, V] array)."""
   # pylint: disable=g-import-not-at-top
+  from seqcompress_jax import evaluate
   from seqcompress_jax import step as step_lib
   from seqcompress_jax.models import routing
   from seqcompress_jax.models.model import Recommender
@@ -226,7 +230,9 @@ def _functions(spec: Any, num_items: int, k: int, fast: bool) -> dict[str, tuple
     hidden = module(inputs, train=False, route=route)[:, -1]
     if fast:
       return module.head.topk(hidden, n)  # Exact, and skips the tails it can.
-    return jax.lax.top_k(module.logits(hidden), n)  # The adaptive head's: exact log p.
+    context = module.rank_context(hidden)  # The adaptive head's score: exact log p.
+    return evaluate.chunked_top_k(lambda ids: module.score(context, ids), spec.num_items, n,
+                                  chunk_size)
 
   def topk_fn(route: routing.Route | None) -> Callable[..., Any]:
     def topk(params: dict, items: jax.Array, exclude: jax.Array):

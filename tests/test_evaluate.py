@@ -1,5 +1,6 @@
 """Ranks, metrics and negative sampling against brute force and hand-made cases."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,3 +244,20 @@ def test_sampled_ranks_equal_brute_force():
   target_score = scores[np.arange(len(examples)), examples.targets]
   negative_score = np.take_along_axis(scores, negatives, axis=1)
   np.testing.assert_array_equal(ranks, (negative_score > target_score[:, None]).sum(axis=1))
+
+
+@pytest.mark.parametrize('chunk_size', [1, 4, 7, 23, 100])
+@pytest.mark.parametrize('k', [1, 3, 23])
+def test_chunked_top_k_equals_a_sort(chunk_size, k):
+  # 23 ids in chunks that do and do not divide it, k above and below the chunk.
+  scores = np.random.default_rng(k).normal(size=(5, 23)).astype(np.float32)
+  top, ids = jax.jit(lambda s: ev.chunked_top_k(lambda i: s[:, i], 23, k, chunk_size))(
+      jnp.asarray(scores))
+  expected = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  np.testing.assert_array_equal(ids, expected)  # Distinct scores: one order.
+  np.testing.assert_array_equal(top, np.take_along_axis(scores, expected, axis=1))
+
+
+def test_chunked_top_k_rejects_bad_k():
+  with pytest.raises(ValueError, match=r'k: expected an integer in \[1, 23\]'):
+    ev.chunked_top_k(lambda i: jnp.zeros((2, i.shape[0])), 23, 24)

@@ -29,14 +29,23 @@ BUCKETS = (1, 4, 16)
 TOLERANCE = 1e-5
 
 
-def cprec_config(root):
-  """tiny_config with CpRec's blocks (cutoffs at the default training mass) and sharing."""
+def uncompressed_config(root):
+  """tiny_config, its full top k taken 7 items at a time (several chunks)."""
   config = tiny_config(root)
-  config.model.update(embedding='block', head='adaptive', sharing='cross-block')
+  config.eval.chunk_size = 7
   return config
 
 
-CONFIGS = {'uncompressed': tiny_config, 'cprec': cprec_config,
+def cprec_config(root):
+  """tiny_config with CpRec's blocks (cutoffs at the default training mass) and
+  sharing; its full top k in chunks of 5 items."""
+  config = tiny_config(root)
+  config.model.update(embedding='block', head='adaptive', sharing='cross-block')
+  config.eval.chunk_size = 5
+  return config
+
+
+CONFIGS = {'uncompressed': uncompressed_config, 'cprec': cprec_config,
            'canet': lambda root: canet_config('smoke', root),
            'canet-cprec': lambda root: canet_config('smoke,cprec', root)}
 # Exports: (run, export_run's topk); CpRec's adaptive softmax has two methods.
