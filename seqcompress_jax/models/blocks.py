@@ -438,7 +438,8 @@ class AdaptiveSoftmax(nn.Module):
     """bool [B, n - 1]: the tails topk(hidden, k) evaluates for each row."""
     return self._head_top(hidden, k)[2]
 
-  def _head_top(self, hidden: jax.Array, k: int):
+  def _head_top(self, hidden: jax.Array,
+                k: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
     """The head's log-softmax [B, c1 + n - 1], its top min(k, c1 - 1) items
     (log p, ids) and the tails [B, n - 1] that may hold a better item than the
     k-th of those (all of them when the head has fewer than k items)."""
