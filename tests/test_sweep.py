@@ -25,6 +25,22 @@ def test_grids_are_well_formed():
     sweep.load_grid('nope')
 
 
+def test_seeds_repeat_every_run():
+  sweep = load_sweep()
+  assert sweep.parse_seeds('0-2,7') == [0, 1, 2, 7] and sweep.parse_seeds('') == []
+  for bad in ('2-1', 'a', '1-', '-3'):
+    with pytest.raises(ValueError, match='--seeds'):
+      sweep.parse_seeds(bad)
+  grid = [('a', 'configs/nextitnet.py', {'train.patience': 3}), ('b', 'configs/sasrec.py', {})]
+  assert sweep.with_seeds(grid, []) == grid
+  seeded = sweep.with_seeds(grid, [0, 5])
+  assert [name for name, _, _ in seeded] == ['a-s0', 'a-s5', 'b-s0', 'b-s5']
+  assert seeded[1] == ('a-s5', 'configs/nextitnet.py',
+                       {'train.patience': 3, 'seed': 5, 'data.shuffle_seed': 5})
+  assert sweep.command(*seeded[3][1:], 'W')[-2:] == ['--config.seed=5',
+                                                      '--config.data.shuffle_seed=5']
+
+
 def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv('SEQCOMPRESS_DATA', str(tmp_path / 'cache'))
   sweep = load_sweep()
@@ -33,7 +49,7 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   sweep.run_grid(grid, root, dry_run=True)
   assert capsys.readouterr().out.count('seqcompress_jax.main') == 2
   assert not os.path.exists(root)  # a dry run runs nothing
-  rows = sweep.run_grid(grid, root)
+  rows = sweep.run_grid(grid, root, parallel=2)  # Both at once; rows in grid order.
   assert [row['run'] for row in rows] == ['smoke-full-none', 'smoke-both-cross-block']
   assert rows[0]['compression'] == 1.0 and rows[1]['compression'] > 1.5
   sweep.run_grid(grid, root)
