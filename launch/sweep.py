@@ -5,8 +5,9 @@
   python launch/sweep.py --grid=cprec-headline --root=runs/seeds --seeds=0-7 --parallel=6
 
 --seeds repeats every run of the grid once per seed (NAME-sS, with
-config.seed = config.data.shuffle_seed = S); --parallel runs that many at a
-time (for an accelerator that small runs leave idle).
+config.seed = config.data.shuffle_seed = S) and adds ROOT/seeds.md: per run of
+the grid, the mean and standard error over its finished seeds. --parallel runs
+that many at a time (for an accelerator that small runs leave idle).
 
 A finished run (its workdir holds results.json) is skipped; an interrupted one
 resumes from its checkpoints, so re-running the same command completes a
@@ -23,10 +24,15 @@ import importlib.util
 import os
 import subprocess
 import sys
+from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 from seqcompress_jax import report
+from seqcompress_jax.files import atomic_write
+
+SUMMARISED = ('test NDCG@10', 'test HR@10', 'valid NDCG@10')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,14 +110,47 @@ def table_rows(grid: list[tuple[str, str, dict]], root: str) -> list[dict]:
                             if os.path.exists(os.path.join(root, name, 'results.json'))])
 
 
+def seed_summary(grid: list[tuple[str, str, dict]], seeds: list[int],
+                 rows: list[dict]) -> list[dict[str, Any]]:
+  """Per run of `grid` with a finished seed: 'run', 'seeds' (how many), and
+  the mean and standard error (0 for one seed) of each SUMMARISED column over
+  the rows named NAME-sS."""
+  by_name = {row['run']: row for row in rows}
+  summary = []
+  for name, _, _ in grid:
+    found = [by_name[f'{name}-s{seed}'] for seed in seeds if f'{name}-s{seed}' in by_name]
+    if not found:
+      continue
+    entry = {'run': name, 'seeds': len(found)}
+    for column in SUMMARISED:
+      values = np.array([row[column] for row in found], np.float64)
+      error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+      entry[column] = (float(values.mean()), float(error))
+    summary.append(entry)
+  return summary
+
+
+def seed_markdown(summary: list[dict[str, Any]]) -> str:
+  """seed_summary as a Markdown table of 'mean (s.e.)' cells."""
+  lines = ['| run | seeds | ' + ' | '.join(f'{c} mean (s.e.)' for c in SUMMARISED) + ' |',
+           '|' + '---|' * (2 + len(SUMMARISED))]
+  lines += [f'| {e["run"]} | {e["seeds"]} | ' + ' | '.join(
+      f'{e[c][0]:.4f} ({e[c][1]:.4f})' for c in SUMMARISED) + ' |' for e in summary]
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  grid = with_seeds(load_grid(f.grid), parse_seeds(f.seeds))
-  rows = run_grid(grid, f.root, f.dry_run, f.parallel)
+  base, seeds = load_grid(f.grid), parse_seeds(f.seeds)
+  rows = run_grid(with_seeds(base, seeds), f.root, f.dry_run, f.parallel)
   if not f.dry_run and rows:
     report.write_report(rows, f.root)
     print(report.markdown(rows))
+    if seeds:
+      text = seed_markdown(seed_summary(base, seeds, rows))
+      atomic_write(os.path.join(f.root, 'seeds.md'), text.encode())
+      print(text)
 
 
 if __name__ == '__main__':  # Flags here: tests import this file more than once.

@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -41,6 +43,23 @@ def test_seeds_repeat_every_run():
                                                       '--config.data.shuffle_seed=5']
 
 
+def test_seed_summary_means_and_standard_errors():
+  sweep = load_sweep()
+  grid = [('a', 'c', {}), ('b', 'c', {}), ('c', 'c', {})]
+  values = {'a-s0': 0.04, 'a-s1': 0.06, 'a-s2': 0.08, 'b-s1': 0.05}
+  rows = [{'run': name, 'test NDCG@10': v, 'test HR@10': 2 * v, 'valid NDCG@10': v + 0.01}
+          for name, v in values.items()] + [{'run': 'a-s9', 'test NDCG@10': 1.0,
+                                              'test HR@10': 1.0, 'valid NDCG@10': 1.0}]
+  summary = sweep.seed_summary(grid, [0, 1, 2], rows)  # a-s9: not a seed asked for.
+  assert [(e['run'], e['seeds']) for e in summary] == [('a', 3), ('b', 1)]
+  mean, error = summary[0]['test NDCG@10']
+  assert mean == pytest.approx(0.06) and error == pytest.approx(0.02 / 3 ** 0.5)
+  assert summary[0]['test HR@10'][0] == pytest.approx(0.12)
+  assert summary[1]['valid NDCG@10'] == (pytest.approx(0.06), 0.0)
+  table = sweep.seed_markdown(summary)
+  assert table.count('\n') == 4 and '| a | 3 | 0.0600 (0.0115) |' in table
+
+
 def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv('SEQCOMPRESS_DATA', str(tmp_path / 'cache'))
   sweep = load_sweep()
@@ -61,3 +80,13 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path, capsys, monkeypatch):
   with open(written[0]) as f:
     assert f.read() == markdown
   assert os.path.exists(written[1])
+
+
+def test_command_line_repeats_the_grid_per_seed(tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'sweep.py'), '--grid=smoke',
+                        f'--root={tmp_path}', '--seeds=0,3', '--parallel=2', '--dry_run'],
+                       capture_output=True, text=True, check=True).stdout
+  commands = [line for line in out.splitlines() if 'seqcompress_jax.main' in line]
+  assert len(commands) == 4
+  assert sum('--config.seed=3 --config.data.shuffle_seed=3' in c for c in commands) == 2
+  assert sum(f'--workdir={tmp_path}/smoke-full-none-s0' in c for c in commands) == 1
