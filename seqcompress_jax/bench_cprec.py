@@ -69,7 +69,7 @@ def zipf_batch(rng: np.random.Generator, batch_size: int, max_len: int,
 
 def model_spec(variant: str, num_items: int, dim: int, max_len: int,
                cutoffs: tuple[int, ...], tail_capacity: tuple[float, ...] = (),
-               norm_chunk: int = 8192) -> ModelSpec:
+               norm_chunk: int = ModelSpec.norm_chunk) -> ModelSpec:
   """NextItNet, dilations (1, 4): 'full' (embedding, softmax) or 'adaptive' (CpRec,
   with the adaptive head's loss capacity per tail and tail pass chunk)."""
   adaptive = variant == 'adaptive'
@@ -82,7 +82,7 @@ def model_spec(variant: str, num_items: int, dim: int, max_len: int,
 
 def run_train(variant: str, num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...],
               tail_capacity: tuple[float, ...], batch_size: int, steps: int,
-              norm_chunk: int = 8192) -> dict[str, Any]:
+              norm_chunk: int = ModelSpec.norm_chunk) -> dict[str, Any]:
   """Compile time, median step time and peak memory of one variant's train step."""
   spec = model_spec(variant, num_items, dim, max_len, cutoffs, tail_capacity, norm_chunk)
   batch = zipf_batch(np.random.default_rng(0), batch_size, max_len, num_items)
@@ -91,7 +91,7 @@ def run_train(variant: str, num_items: int, dim: int, max_len: int, cutoffs: tup
 
 def run_rank(num_items: int, dim: int, max_len: int, cutoffs: tuple[int, ...], k: int,
              eval_batch: int, capacity: int = 0, cluster_shift: float = 0.0,
-             runs: int = 5, norm_chunk: int = 8192) -> dict[str, Any]:
+             runs: int = 5, norm_chunk: int = ModelSpec.norm_chunk) -> dict[str, Any]:
   """Top-k times ('*_ms', medians of `runs` after one untimed), agreement of
   (c) and (d), and the rows needing each tail."""
   spec = model_spec('adaptive', num_items, dim, max_len, cutoffs, norm_chunk=norm_chunk)
@@ -266,7 +266,7 @@ if __name__ == '__main__':  # Flags here, not at import: tests import this modul
   flags.DEFINE_float('capacity_factor', 1.5, 'Adaptive loss capacity per tail, as a '
                      'multiple of its Zipf mass (model.capacity_factor); 0 = off.')
   flags.DEFINE_integer('steps', 5, 'Timed training steps.')
-  flags.DEFINE_integer('norm_chunk', 8192, 'Adaptive head: tail items per step of its '
+  flags.DEFINE_integer('norm_chunk', ModelSpec.norm_chunk, 'Adaptive head: tail items per step of its '
                        'chunked passes (model.norm_chunk).')
   flags.DEFINE_string('out', '', 'Write the results as JSON here.')
   flags.DEFINE_string('workdir', '', 'Instead: how many test rows of this trained run '

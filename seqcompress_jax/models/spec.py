@@ -65,7 +65,7 @@ class ModelSpec:
   tail_capacity: tuple[float, ...] = ()
   # Adaptive head: tail items per step of its chunked passes (normaliser,
   # fast top-k). Small suits a CPU's cache; accelerators want ~1e5 (fewer steps).
-  norm_chunk: int = 8192
+  norm_chunk: int = blocks.AdaptiveSoftmax.norm_chunk
   tied: bool = False  # Output weight = the input embedding table.
   num_samples: int = 1024  # Sampled head: negatives per step.
   sampler: str = 'log_uniform'  # One of SAMPLERS.
