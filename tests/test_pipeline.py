@@ -19,19 +19,26 @@ def make_dataset(lengths, protocol='loo', **split_options):
   return dataset.Dataset(**{**ds.__dict__, 'items': np.arange(1, lengths.sum() + 1, dtype=np.int32)})
 
 
-@pytest.mark.parametrize('stride, expected', [
-    (3, [[4, 5, 6, 7], [1, 2, 3, 4]]),
-    (2, [[4, 5, 6, 7], [2, 3, 4, 5], [0, 1, 2, 3]]),
-    (0, [[4, 5, 6, 7], [1, 2, 3, 4]]),  # 0 means stride = max_len
+@pytest.mark.parametrize('stride, expected, first, targets', [
+    (3, [[4, 5, 6, 7], [1, 2, 3, 4]], [0, 0], [[5, 6, 7], [2, 3, 4]]),
+    # Overlapping windows: 3 and 5 are trained where they have most context.
+    (2, [[4, 5, 6, 7], [2, 3, 4, 5], [0, 1, 2, 3]], [1, 1, 0],
+     [[0, 6, 7], [0, 4, 5], [0, 2, 3]]),
+    (1, [[4, 5, 6, 7], [3, 4, 5, 6], [2, 3, 4, 5], [1, 2, 3, 4]], [2, 2, 2, 0],
+     [[0, 0, 7], [0, 0, 6], [0, 0, 5], [2, 3, 4]]),
+    (0, [[4, 5, 6, 7], [1, 2, 3, 4]], [0, 0], [[5, 6, 7], [2, 3, 4]]),  # 0 = max_len
 ])
-def test_train_windows_by_hand(stride, expected):
+def test_train_windows_by_hand(stride, expected, first, targets):
   ds = make_dataset([9], 'loo')  # trains on the first 7 items
-  assert pipeline.train_windows(ds, max_len=3, stride=stride).tolist() == expected
+  windows = pipeline.train_windows(ds, max_len=3, stride=stride)
+  assert windows.items.tolist() == expected
+  assert windows.first.tolist() == first
+  assert windows.batch(np.arange(len(windows)))['targets'].tolist() == targets
 
 
 def test_short_history_is_left_padded_and_single_items_give_no_window():
   ds = make_dataset([4, 1, 2], 'random_seq', test_fraction=0.0, valid_fraction=0.0)
-  assert pipeline.train_windows(ds, max_len=5).tolist() == [
+  assert pipeline.train_windows(ds, max_len=5).items.tolist() == [
       [0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 6, 7]]
 
 
@@ -41,11 +48,12 @@ def test_split_window_never_targets_the_first_item():
   assert batch['targets'].tolist() == [[0, 0, 6, 7], [2, 3, 4, 5]]
 
 
-@pytest.mark.parametrize('stride', [0, 7])
+@pytest.mark.parametrize('stride', [0, 7, 3, 1])
 def test_loo_training_targets_are_exactly_the_training_positions(stride):
   lengths = np.random.default_rng(0).integers(1, 60, size=40)
   ds = make_dataset(lengths, 'loo')
-  batch = pipeline.split_window(pipeline.train_windows(ds, max_len=10, stride=stride))
+  windows = pipeline.train_windows(ds, max_len=10, stride=stride)
+  batch = windows.batch(np.arange(len(windows)))
   targets = batch['targets'][batch['targets'] > 0]
   position = targets - 1 - np.repeat(ds.offsets[:-1], lengths)[targets - 1]
   user = np.repeat(np.arange(len(lengths)), lengths)[targets - 1]
@@ -56,8 +64,12 @@ def test_loo_training_targets_are_exactly_the_training_positions(stride):
   expected = {int(ds.items[ds.offsets[u] + p]) for u in range(len(lengths))
               for p in range(1, ds.train_len[u])}
   assert set(targets.tolist()) == expected
-  if stride == 0:  # stride = max_len: every training target exactly once
-    assert len(targets) == len(expected)
+  assert len(targets) == len(expected)  # each exactly once
+  # Context: the non-PAD inputs up to a target's column, at least
+  # max_len - stride + 1 items unless its history is shorter.
+  rows, cols = np.nonzero(batch['targets'])
+  context = (batch['inputs'] > 0).cumsum(axis=1)[rows, cols]
+  assert (context >= np.minimum(position, 10 - (stride or 10) + 1)).all()
 
 
 def test_eval_set_inputs_are_the_items_right_before_the_target():
@@ -71,8 +83,13 @@ def test_eval_set_inputs_are_the_items_right_before_the_target():
   assert valid.history is None
 
 
+def whole_windows(items: np.ndarray) -> pipeline.Windows:
+  """Windows that train all their targets."""
+  return pipeline.Windows(items, np.zeros(len(items), np.int32))
+
+
 def test_train_batches_are_deterministic_and_visit_each_window_once_per_epoch():
-  windows = np.arange(50 * 4, dtype=np.int32).reshape(50, 4)
+  windows = whole_windows(np.arange(50 * 4, dtype=np.int32).reshape(50, 4))
   it = pipeline.TrainBatches(windows, batch_size=8, seed=1)
   first = [next(it) for _ in range(12)]
   again = [next(pipeline.TrainBatches(windows, batch_size=8, seed=1)) for _ in range(1)]
@@ -87,7 +104,7 @@ def test_train_batches_are_deterministic_and_visit_each_window_once_per_epoch():
 
 
 def test_train_batches_resume_exactly():
-  windows = np.arange(30 * 3, dtype=np.int32).reshape(30, 3)
+  windows = whole_windows(np.arange(30 * 3, dtype=np.int32).reshape(30, 3))
   straight = pipeline.TrainBatches(windows, batch_size=4, seed=0)
   expected = [next(straight)['targets'] for _ in range(17)]
   first = pipeline.TrainBatches(windows, batch_size=4, seed=0)
@@ -101,7 +118,7 @@ def test_train_batches_resume_exactly():
 
 
 def test_hosts_split_each_global_batch():
-  windows = np.arange(40 * 2, dtype=np.int32).reshape(40, 2)
+  windows = whole_windows(np.arange(40 * 2, dtype=np.int32).reshape(40, 2))
   whole = pipeline.TrainBatches(windows, batch_size=8, seed=0)
   hosts = [pipeline.TrainBatches(windows, batch_size=8, seed=0, process_index=i,
                                  process_count=4) for i in range(4)]
@@ -112,7 +129,7 @@ def test_hosts_split_each_global_batch():
   with pytest.raises(DataError, match='not divisible by the 3 processes'):
     pipeline.TrainBatches(windows, batch_size=8, seed=0, process_count=3)
   with pytest.raises(DataError, match='fewer than the batch size'):
-    pipeline.TrainBatches(windows[:5], batch_size=8, seed=0)
+    pipeline.TrainBatches(whole_windows(windows.items[:5]), batch_size=8, seed=0)
 
 
 @pytest.mark.parametrize('process_count', [1, 2])

@@ -95,7 +95,8 @@ def test_a_failed_preparation_leaves_nothing(file_config, monkeypatch):
 
 def test_invalid_config_fields_are_named(file_config):
   for field, value, message in [('max_len', 0, 'data.max_len'), ('name', 'netflix', 'data.name'),
-                                ('user_core', -1, 'data.user_core')]:
+                                ('user_core', -1, 'data.user_core'),
+                                ('train_stride', 10_000, r'data.train_stride: .*max_len')]:
     cfg = file_config.copy_and_resolve_references()
     cfg[field] = value
     with pytest.raises(DataError, match=message):

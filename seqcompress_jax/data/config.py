@@ -47,7 +47,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.split_seed = 0
   # Windows and batches.
   c.max_len = 50
-  c.train_stride = 0  # Step between a long history's windows; 0 = max_len.
+  # Step between a long history's windows; 0 = max_len. Smaller: more context
+  # per target (each is still trained once), at max_len / stride the compute.
+  c.train_stride = 0
   c.batch_size = 256
   c.eval_batch_size = 1024
   c.shuffle_seed = 0
@@ -64,7 +66,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       ('user_core', cfg.user_core >= 0, 'an integer >= 0'),
       ('item_core', cfg.item_core >= 0, 'an integer >= 0'),
       ('max_len', cfg.max_len >= 1, 'an integer >= 1'),
-      ('train_stride', cfg.train_stride >= 0, 'an integer >= 0 (0 = max_len)'),
+      ('train_stride', 0 <= cfg.train_stride <= cfg.max_len,
+       f'an integer in [0, max_len = {cfg.max_len}] (0 = max_len)'),
       ('batch_size', cfg.batch_size >= 1, 'an integer >= 1'),
       ('eval_batch_size', cfg.eval_batch_size >= 1, 'an integer >= 1'),
   ]

@@ -2,9 +2,11 @@
 
 Training uses every position of a window (teacher forcing): a window holds
 max_len + 1 items, `inputs` are its first max_len and `targets` its last
-max_len (see `split_window`). A history longer than a window is cut, from its end backwards, into
-windows `stride` items apart; the earliest may be short and is left-padded
-with PAD (0). With stride = max_len each training target is predicted once.
+max_len (see `split_window`). A history longer than a window is cut, from its
+end backwards, into windows `stride` items apart; the earliest may be short and
+is left-padded with PAD (0). Each training target is predicted once: where
+windows overlap (stride < max_len), the earliest window that holds a target
+trains it, where it has the most context.
 """
 
 from __future__ import annotations
@@ -28,23 +30,55 @@ def last_items(ds: Dataset, users: np.ndarray, ends: np.ndarray,
   return np.where(valid, ds.items[np.where(valid, index, 0)], PAD).astype(np.int32)
 
 
-def train_windows(ds: Dataset, max_len: int, stride: int = 0) -> np.ndarray:
-  """int32 [num_windows, max_len + 1] covering every training target."""
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Training windows: `items` int32 [N, max_len + 1], and `first` int32 [N],
+  the first target position each window trains (the earlier ones are trained
+  by an earlier window of the same user, with more context)."""
+
+  items: np.ndarray
+  first: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs and targets of windows `rows` (see `split_window`)."""
+    return split_window(self.items[rows], self.first[rows])
+
+
+def train_windows(ds: Dataset, max_len: int, stride: int = 0) -> Windows:
+  """Windows ending every `stride` items back from each user's last training
+  item (0 = max_len), as many as it takes to reach the first item; every
+  training target is trained once, each in the earliest window holding it.
+
+  A smaller stride gives every target at least max_len - stride + 1 items of
+  context (where the history has them), at about max_len / stride times the
+  positions computed per epoch.
+  """
   stride = stride or max_len
   users = np.flatnonzero(ds.train_len >= 2)
   n = ds.train_len[users]
-  per_user = -((n - 1) // -stride)  # ceil((n - 1) / stride) windows
+  # Window k (0 = latest) ends at item n - k * stride; the earliest must start
+  # at item 1 or before (item 0 is never a target).
+  per_user = 1 + -(np.maximum(n - 1 - max_len, 0) // -stride)
   k = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
   ends = np.repeat(n, per_user) - k * stride
-  return last_items(ds, np.repeat(users, per_user), ends, max_len + 1)
+  earliest = k == np.repeat(per_user, per_user) - 1
+  first = np.where(earliest, 0, max_len - stride).astype(np.int32)
+  return Windows(last_items(ds, np.repeat(users, per_user), ends, max_len + 1), first)
 
 
-def split_window(window: np.ndarray) -> dict[str, np.ndarray]:
+def split_window(window: np.ndarray, first: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """inputs = window[:, :-1], targets = window[:, 1:], except that a target
-  whose input is PAD is PAD too: a user's first item is never predicted from
-  nothing, so `targets != PAD` is the whole loss mask."""
+  whose input is PAD is PAD too (a user's first item is never predicted from
+  nothing), as are the targets before position `first` [N] of each row: so
+  `targets != PAD` is the whole loss mask."""
   inputs = window[:, :-1]
-  return {'inputs': inputs, 'targets': np.where(inputs == PAD, PAD, window[:, 1:])}
+  drop = inputs == PAD
+  if first is not None:
+    drop |= np.arange(inputs.shape[1]) < first[:, None]
+  return {'inputs': inputs, 'targets': np.where(drop, PAD, window[:, 1:])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +128,7 @@ class TrainBatches:
   `state()` / `restore()` make a resumed run see exactly the same batches.
   """
 
-  def __init__(self, windows: np.ndarray, batch_size: int, seed: int,
+  def __init__(self, windows: Windows, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
     _check_hosts(batch_size, process_index, process_count)
     if len(windows) < batch_size:
@@ -132,7 +166,7 @@ class TrainBatches:
     rows = _host_rows(self._order[start:start + self.batch_size],
                       self.process_index, self.process_count)
     self.position += 1
-    return split_window(self.windows[rows])
+    return self.windows.batch(rows)
 
 
 def eval_batches(examples: EvalSet, batch_size: int, process_index: int = 0,
