@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.patience = 10  # Evaluations without improvement before stopping.
   c.train.metric = 'NDCG@10'  # Validation metric for early stopping / best model.
   c.train.max_bad_steps = 10  # Consecutive non-finite steps before giving up.
+  # Diagnostic only: also evaluate test at every evaluation, written to
+  # metrics.jsonl as split 'test_trace'; never used for selection or stopping.
+  c.train.trace_test = False
   # After training, measure against the uncompressed model of the same widths
   # (results.json 'compression'); on in configs/cprec.py.
   c.train.compression_report = False

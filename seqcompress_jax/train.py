@@ -300,8 +300,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       eval_start = time.perf_counter()
       evaluated = step_lib.eval_params(state)
       valid = evaluator(evaluated, 'valid')
+      # Diagnostic only: never read by selection or stopping.
+      trace = evaluator(evaluated, 'test') if c.trace_test else None
       meta['eval_s'] += time.perf_counter() - eval_start
       writer.write(step, 'valid', _scalars(valid))
+      if trace is not None:
+        writer.write(step, 'test_trace', _scalars(trace))
       if valid[c.metric] > meta['best_metric']:
         meta.update(best_metric=valid[c.metric], best_step=step, bad_evals=0)
         best.save(step, evaluated, {'valid': valid})

@@ -55,6 +55,20 @@ def test_train_evaluate_and_outputs(tmp_path, backbone):
   assert again['test'] == results['test']
 
 
+def test_test_trace_is_a_diagnostic_only(tmp_path):
+  config = tiny_config(tmp_path)
+  plain = train.train_and_evaluate(config, str(tmp_path / 'plain'))
+  config.train.trace_test = True
+  traced = train.train_and_evaluate(config, str(tmp_path / 'traced'))
+  assert (traced['best_step'], traced['test']) == (plain['best_step'], plain['test'])
+  rows = [json.loads(line) for line in open(tmp_path / 'traced' / 'metrics.jsonl')]
+  trace = {row['step']: row for row in rows if row['split'] == 'test_trace'}
+  assert sorted(trace) == [6, 12]  # One per evaluation.
+  assert trace[traced['best_step']]['NDCG@10'] == pytest.approx(traced['test']['NDCG@10'])
+  assert not any(row['split'] == 'test_trace' for row in
+                 map(json.loads, open(tmp_path / 'plain' / 'metrics.jsonl')))
+
+
 @pytest.mark.parametrize('variant', ['sampled', 'tied_bf16_history'])
 def test_other_heads_and_protocols_run_end_to_end(tmp_path, variant):
   config = tiny_config(tmp_path)
