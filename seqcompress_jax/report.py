@@ -214,11 +214,13 @@ def write_report(rows: Sequence[dict[str, Any]], out: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ plots ---
-def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
-  """(step, value) pairs of metrics.jsonl: 'loss' (train) and 'NDCG@10'
-  (valid), sorted by step, the last line kept where a resumed run logged a
-  step twice."""
-  curves: dict[str, dict[int, float]] = {'loss': {}, 'NDCG@10': {}}
+def read_curves(workdir: str, series: dict[str, tuple[str, str]] | None = None
+                ) -> dict[str, list[tuple[int, float]]]:
+  """(step, value) pairs of metrics.jsonl for each named (split, key) of
+  `series` (default: 'loss' of train and 'NDCG@10' of valid), sorted by step,
+  the last line kept where a resumed run logged a step twice."""
+  series = series or {'loss': ('train', 'loss'), 'NDCG@10': ('valid', 'NDCG@10')}
+  curves: dict[str, dict[int, float]] = {name: {} for name in series}
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     warn(f'{workdir}: no metrics.jsonl, no training curve')
@@ -230,9 +232,9 @@ def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
       except json.JSONDecodeError:  # A line cut short when a run was killed.
         warn(f'{path}:{number}: not JSON, skipped')
         continue
-      key = {'train': 'loss', 'valid': 'NDCG@10'}.get(entry['split'])
-      if key in entry:
-        curves[key][entry['step']] = entry[key]
+      for name, (split, key) in series.items():
+        if entry.get('split') == split and key in entry:
+          curves[name][entry['step']] = entry[key]
   return {k: sorted(v.items()) for k, v in curves.items()}
 
 
