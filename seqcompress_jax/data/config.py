@@ -48,7 +48,7 @@ def data_config() -> ml_collections.ConfigDict:
   # Windows and batches.
   c.max_len = 50
   # Step between a long history's windows; 0 = max_len. Smaller: more context
-  # per target (each is still trained once), at max_len / stride the compute.
+  # per target (each is still trained once), at up to max_len / stride the compute.
   c.train_stride = 0
   c.batch_size = 256
   c.eval_batch_size = 1024

@@ -53,8 +53,8 @@ def train_windows(ds: Dataset, max_len: int, stride: int = 0) -> Windows:
   training target is trained once, each in the earliest window holding it.
 
   A smaller stride gives every target at least max_len - stride + 1 items of
-  context (where the history has them), at about max_len / stride times the
-  positions computed per epoch.
+  context (where the history has them), at up to max_len / stride times the
+  windows per epoch (fewer where histories are short).
   """
   stride = stride or max_len
   users = np.flatnonzero(ds.train_len >= 2)
